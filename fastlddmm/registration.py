@@ -1,0 +1,377 @@
+"""fl.register: fit a ResNet-LDDMM flow that carries a source cloud onto a target cloud.
+
+    loss(θ) = D(φ_θ(source), target) / (2σ²)  +  ½ Σ_l Δ · mean_i |v_l(x_i^l)|²
+
+The optimisation runs in normalised coordinates: both clouds are centred on their joint centroid and
+scaled so that the farthest point lies at distance 1. σ and Sinkhorn's blur are therefore relative to the
+size of the shapes, and the same defaults work for a face in pixels and a femur in millimetres.
+The returned Registration maps points given in the original coordinates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._validation import check_choice, check_pair, check_points, check_positive
+from .flow import ResNetFlow
+from .reference import flow as _ref_flow
+
+DATA_TERMS = ("sinkhorn", "chamfer", "l2")
+OPTIMIZERS = ("adam", "lbfgs")
+_FORMAT_VERSION = 1
+
+
+class RegistrationDiverged(RuntimeError):
+    """The loss or its gradient stopped being finite; ``partial`` holds the last finite Registration."""
+
+    def __init__(self, message: str, step: int, partial: "Registration"):
+        super().__init__(message)
+        self.step = step
+        self.partial = partial
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def data_term_value(kind: str, moved: Tensor, target: Tensor, *, blur: float, backend: str) -> Tensor:
+    """D(moved, target) for the data term called ``kind`` (points in normalised coordinates)."""
+    if kind == "l2":
+        return ((moved - target) ** 2).sum(-1).mean()
+    from . import distances  # late import: distances pulls in the optional KeOps / Triton paths
+
+    if kind == "chamfer":
+        return distances.chamfer(moved, target, backend=backend)
+    return distances.sinkhorn(moved, target, blur=blur, backend=backend)
+
+
+class Registration:
+    """A fitted flow, with the normalisation that maps original coordinates to the flow's.
+
+    Attributes:
+        flow: the ResNetFlow (acting in normalised coordinates).
+        center: (D,) and scale: float, with normalised = (x - center) / scale.
+        config: the arguments of register() (plain dict).
+        history: {"loss", "data", "energy"}: one value per optimisation step.
+        source, target: the clouds it was fitted on (original coordinates, CPU tensors).
+    """
+
+    def __init__(self, flow: ResNetFlow, center: Tensor, scale: float, config: dict, history: dict,
+                 source: Tensor | None = None, target: Tensor | None = None):
+        self.flow = flow
+        self.center = center
+        self.scale = float(scale)
+        self.config = dict(config)
+        self.history = {k: list(v) for k, v in history.items()}
+        self.source = source
+        self.target = target
+
+    def __repr__(self) -> str:
+        steps = len(self.history.get("loss", []))
+        return f"Registration(dim={self.flow.dim}, data_term={self.config.get('data_term')!r}, steps={steps})"
+
+    # -- coordinates -------------------------------------------------------------------------------
+    def _to_flow(self, points) -> tuple[Tensor, Callable]:
+        """Points → normalised tensor on the flow's device/dtype, and a function mapping results back."""
+        is_numpy = isinstance(points, np.ndarray)
+        t = torch.as_tensor(points) if is_numpy else points
+        check_points(t, "points", allow_batch=False, allow_empty=True)
+        if t.shape[-1] != self.flow.dim:
+            raise ValueError(f"points must have {self.flow.dim} coordinates, got shape {tuple(t.shape)}")
+        p = self.flow.weight1
+        z = (t.to(device=p.device, dtype=p.dtype) - self.center.to(p)) / self.scale
+
+        def back(out: Tensor, *, positions: bool = True):
+            if positions:
+                out = out * self.scale + self.center.to(out)
+            out = out.detach()
+            return out.cpu().numpy() if is_numpy else out.to(device=t.device, dtype=t.dtype)
+
+        return z, back
+
+    def transform(self, points):  # (K, D) -> (K, D)
+        """φ_1(points): the points carried along the whole flow (original coordinates)."""
+        z, back = self._to_flow(points)
+        with torch.no_grad():
+            return back(self.flow(z) if z.shape[0] else z)
+
+    def trajectory(self, points):  # (K, D) -> (layers + 1, K, D)
+        """The points at every time l/L, l = 0 .. L (original coordinates)."""
+        z, back = self._to_flow(points)
+        with torch.no_grad():
+            return back(self.flow.trajectory(z))
+
+    def inverse(self, points, *, iterations: int = 50):  # (K, D) -> (K, D)
+        """φ_1^{-1}(points): each Euler step undone by a fixed-point solve, last step first."""
+        z, back = self._to_flow(points)
+        return back(self.flow.inverse(z, iterations=iterations))
+
+    def jacobian_determinant(self, points):  # (K, D) -> (K,)
+        """det Dφ_1 at each point (the normalisation is a similarity, so it cancels). > 0: no fold."""
+        z, back = self._to_flow(points)
+        return back(self.flow.jacobian_determinant(z), positions=False)
+
+    # -- files ---------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """Everything needed to rebuild this registration: tensors and plain Python values only."""
+        return {
+            "format": "fastlddmm.Registration",
+            "version": _FORMAT_VERSION,
+            "config": self.config,
+            "flow": {k: v.detach().cpu() for k, v in self.flow.state_dict().items()},
+            "center": self.center.detach().cpu(),
+            "scale": self.scale,
+            "history": self.history,
+            "source": None if self.source is None else self.source.detach().cpu(),
+            "target": None if self.target is None else self.target.detach().cpu(),
+        }
+
+    def save(self, path) -> None:
+        """One file with the config, the weights, the normalisation and the history (written atomically)."""
+        _atomic_torch_save(self.state(), Path(path))
+
+    @classmethod
+    def from_state(cls, state: dict, *, device=None) -> "Registration":
+        if not isinstance(state, dict) or state.get("format") != "fastlddmm.Registration":
+            raise ValueError("not a fastlddmm registration file")
+        if state.get("version") != _FORMAT_VERSION:
+            raise ValueError(f"unsupported registration file version {state.get('version')!r}")
+        cfg = state["config"]
+        weights = state["flow"]
+        flow = ResNetFlow(dim=int(cfg["dim"]), width=int(cfg["width"]), layers=int(cfg["layers"]),
+                          activation=cfg["activation"], backend=cfg.get("backend", "auto"))
+        flow = flow.to(dtype=weights["weight1"].dtype)
+        flow.load_state_dict(weights)
+        if device is not None:
+            flow = flow.to(device)
+        return cls(flow, state["center"], state["scale"], cfg, state["history"], state.get("source"),
+                   state.get("target"))
+
+    @classmethod
+    def load(cls, path, *, device=None) -> "Registration":
+        """Loads a file written by save(). Only tensors and plain values are read (weights_only=True):
+        no code from the file is executed."""
+        path = Path(path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # torch raises several types for a corrupt or foreign file
+            raise ValueError(f"cannot read registration file {str(path)!r}: {err.__class__.__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}") from None
+        return cls.from_state(state, device=device)
+
+
+def _normalisation(source: Tensor, target: Tensor) -> tuple[Tensor, float]:
+    both = torch.cat([source, target], dim=0)
+    center = both.mean(0)
+    scale = float((both - center).norm(dim=-1).max())
+    return center, (scale if scale > 0 else 1.0)
+
+
+def register(
+    source: Tensor,  # (N, D)
+    target: Tensor,  # (M, D); M == N for data_term="l2" (target[i] corresponds to source[i])
+    *,
+    data_term: str = "sinkhorn",
+    sigma: float = 0.1,
+    width: int = 128,
+    layers: int = 10,
+    steps: int = 500,
+    lr: float | None = None,
+    optimizer: str = "adam",
+    activation: str = "relu",
+    blur: float = 0.02,
+    device=None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    backend: str = "auto",
+    checkpoint=None,
+    checkpoint_every: int = 50,
+    resume: bool = False,
+    callback: Callable[[int, dict], None] | None = None,
+) -> Registration:
+    """Registers ``source`` onto ``target`` with a ResNet-LDDMM flow.
+
+    Args:
+        source, target: point clouds (N, D) and (M, D) as tensors or numpy arrays, D = 2 or 3 (any D works).
+        data_term: "sinkhorn" (debiased Sinkhorn divergence, GeomLoss conventions, p = 2), "chamfer",
+            or "l2" (known correspondences: target[i] is where source[i] should go).
+        sigma: data-term weight 1/(2σ²), in normalised units (shapes scaled to radius 1).
+        width, layers: hidden units per block and number of blocks / Euler steps.
+        steps: optimiser iterations (Adam steps, or L-BFGS outer iterations of up to 20 evaluations).
+        lr: learning rate (default 5e-3 for Adam, 1.0 for L-BFGS).
+        activation: "relu" (the paper's) or a smooth one: "tanh", "softplus".
+        blur: Sinkhorn blur (ε = blur²), normalised units.
+        device, dtype: where and in what precision to optimise (default: the source's device,
+            float32 unless the source is float64).
+        seed: seeds the flow's initialisation (same seed and inputs → same result).
+        progress: show a progress bar.
+        backend: backend for the flow and data-term ops ("auto" picks the fastest available).
+        checkpoint: file to write a checkpoint to every ``checkpoint_every`` steps (atomically);
+            with resume=True, optimisation continues from it when it exists.
+        callback: called as callback(step, {"loss", "data", "energy"}) after each step.
+
+    Raises:
+        RegistrationDiverged: the loss or gradient became NaN/Inf; ``err.partial`` is the last finite state.
+    """
+    if isinstance(source, np.ndarray):
+        source = torch.from_numpy(source)
+    if isinstance(target, np.ndarray):
+        target = torch.from_numpy(target)
+    check_points(source, "source", allow_batch=False)
+    check_points(target, "target", allow_batch=False)
+    if source.shape[-1] != target.shape[-1]:
+        raise ValueError(f"source and target must have the same point dimension, got {source.shape[-1]} and {target.shape[-1]}")
+    check_choice(data_term, "data_term", DATA_TERMS)
+    check_choice(optimizer, "optimizer", OPTIMIZERS)
+    check_choice(activation, "activation", _ref_flow.ACTIVATIONS)
+    check_positive(sigma, "sigma")
+    check_positive(blur, "blur")
+    check_positive(width, "width", integer=True)
+    check_positive(layers, "layers", integer=True)
+    check_positive(steps, "steps", integer=True)
+    check_positive(checkpoint_every, "checkpoint_every", integer=True)
+    check_positive(lr, "lr", allow_none=True)
+    if data_term == "l2" and source.shape[0] != target.shape[0]:
+        raise ValueError(f"data_term='l2' needs one target point per source point, got {source.shape[0]} and {target.shape[0]}")
+    if dtype is None:
+        dtype = torch.float64 if source.dtype == torch.float64 else torch.float32
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    device = torch.device(device) if device is not None else source.device
+    if lr is None:
+        lr = 5e-3 if optimizer == "adam" else 1.0
+
+    src = source.to(device=device, dtype=dtype)
+    tgt = target.to(device=device, dtype=dtype)
+    check_pair(src, tgt, "source", "target")
+    center, scale = _normalisation(src, tgt)
+    src_n, tgt_n = (src - center) / scale, (tgt - center) / scale
+
+    config = dict(data_term=data_term, sigma=float(sigma), width=width, layers=layers, steps=steps, lr=float(lr),
+                  optimizer=optimizer, activation=activation, blur=float(blur), seed=seed, backend=backend,
+                  dim=int(src.shape[-1]), dtype=str(dtype).replace("torch.", ""))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        flow = ResNetFlow(dim=src.shape[-1], width=width, layers=layers, activation=activation, backend=backend)
+    flow = flow.to(device=device, dtype=dtype)
+    params = list(flow.parameters())
+    if optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=lr)
+    else:
+        opt = torch.optim.LBFGS(params, lr=lr, max_iter=20, history_size=20, line_search_fn="strong_wolfe")
+
+    history: dict[str, list[float]] = {"loss": [], "data": [], "energy": []}
+    start_step = 0
+    ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        saved = ckpt.get("config", {})
+        differ = {k for k in config if k != "steps" and saved.get(k) != config[k]}
+        if differ:
+            raise ValueError(f"cannot resume from {str(ckpt_path)!r}: it was made with other settings ({', '.join(sorted(differ))})")
+        flow.load_state_dict(ckpt["flow"])
+        opt.load_state_dict(ckpt["optimizer"])
+        history = {k: list(v) for k, v in ckpt["history"].items()}
+        start_step = int(ckpt["step"])
+
+    weight = 1.0 / (2.0 * sigma**2)
+    last = {}
+
+    def evaluate() -> Tensor:
+        moved, energy = flow.forward_with_energy(src_n)
+        data = data_term_value(data_term, moved, tgt_n, blur=blur, backend=backend)
+        loss = weight * data + energy
+        last.update(loss=loss.detach(), data=data.detach(), energy=energy.detach())
+        return loss
+
+    def closure() -> Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = evaluate()
+        loss.backward()
+        return loss
+
+    def snapshot() -> Registration:
+        return Registration(flow, center.detach().cpu(), scale, config, history, source.detach().cpu(),
+                            target.detach().cpu())
+
+    def save_checkpoint(step: int) -> None:
+        if ckpt_path is None:
+            return
+        _atomic_torch_save({"config": config, "flow": flow.state_dict(), "optimizer": opt.state_dict(),
+                            "history": history, "step": step}, ckpt_path)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=start_step, desc=f"register ({data_term})", unit="step", leave=True)
+    t0 = time.perf_counter()
+    previous = None  # Adam: the parameters before the last update (small: L·H·D·2 numbers)
+    try:
+        for step in range(start_step, steps):
+            if optimizer == "adam":
+                closure()
+                grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+                if not (bool(torch.isfinite(last["loss"])) and grads_finite):
+                    if previous is not None:  # back to the parameters whose (finite) loss was recorded last
+                        flow.load_state_dict(previous)
+                    raise RegistrationDiverged(
+                        f"registration diverged at step {step}: the {'loss' if grads_finite else 'gradient'} is "
+                        f"not finite (try a larger sigma, a smaller lr, or check the inputs)", step, snapshot())
+                previous = {k: v.detach().clone() for k, v in flow.state_dict().items()}
+                opt.step()
+            else:
+                good = {k: v.detach().clone() for k, v in flow.state_dict().items()}
+                opt.step(closure)
+                if not all(bool(torch.isfinite(p).all()) for p in params) or not bool(torch.isfinite(last["loss"])):
+                    flow.load_state_dict(good)
+                    raise RegistrationDiverged(
+                        f"registration diverged at step {step}: L-BFGS produced non-finite values "
+                        f"(try a smaller lr or Adam)", step, snapshot())
+            record = {k: float(last[k]) for k in ("loss", "data", "energy")}
+            for k, v in record.items():
+                history[k].append(v)
+            if callback is not None:
+                callback(step, record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4g}", data=f"{record['data']:.3g}",
+                                energy=f"{record['energy']:.3g}", refresh=False)
+            if (step + 1) % checkpoint_every == 0:
+                save_checkpoint(step + 1)
+    except RegistrationDiverged as err:
+        if ckpt_path is not None:
+            err.partial.save(ckpt_path.with_name(ckpt_path.stem + ".partial.pt"))
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    result = snapshot()
+    result.config["seconds"] = time.perf_counter() - t0
+    if ckpt_path is not None:
+        save_checkpoint(steps)
+    return result
+

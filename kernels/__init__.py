@@ -1,0 +1,1 @@
+"""Triton kernels, shipped as fastlddmm.kernels."""
