@@ -1,1 +1,7 @@
-"""Triton kernels, shipped as fastlddmm.kernels."""
+"""Triton kernels, shipped as fastlddmm.kernels.
+
+euler_flow: fused forward and backward of the ResNet-LDDMM Euler flow (launchers ``forward`` and
+``backward``). They take CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was in the environment
+before triton was imported (Triton's CPU interpreter: slow, for tests). Submodules import triton, so
+they are imported on demand, never from here.
+"""

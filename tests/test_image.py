@@ -1,0 +1,362 @@
+"""fastlddmm.image: coordinate convention, composition, losses, networks, multistep training."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import fastlddmm.image as fi
+from fastlddmm.image import digits, losses
+from fastlddmm.image.transforms import Affine, Compose, DisplacementField, identity_map, spacing, warp
+
+# (dtype, atol): float32 keeps ~7 digits of coordinates in [0, 1] through a few grid_sample
+# evaluations (each a handful of flops); float64 the same at ~1e-15 per operation.
+DTYPES = [(torch.float32, 1e-5), (torch.float64, 1e-10)]
+SHAPES = [(7, 11), (5, 6, 9)]  # 2D and 3D, odd / unequal sizes on purpose
+
+
+def _displacement_of(transform, shape, batch, dtype):
+    """A grid DisplacementField standing for ``transform`` (sampled at the pixel centres)."""
+    grid = identity_map(shape, batch=batch, dtype=dtype)
+    return DisplacementField(transform(grid) - grid)
+
+
+def _rotation(dim, angle, dtype):
+    r = torch.eye(dim, dtype=dtype)
+    c, s = math.cos(angle), math.sin(angle)
+    r[0, 0], r[0, 1], r[1, 0], r[1, 1] = c, -s, s, c
+    return r
+
+
+# ---------------------------------------------------------------- transforms and coordinates
+
+def test_identity_map_convention():
+    grid = identity_map((3, 5), batch=2, dtype=torch.float64)
+    assert grid.shape == (2, 2, 3, 5)
+    # Coordinate 0 runs along axis 0 (rows), coordinate 1 along axis 1; pixel centres 0 .. 1.
+    assert torch.equal(grid[0, 0, :, 0], torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
+    assert torch.equal(grid[0, 1, 0], torch.linspace(0, 1, 5, dtype=torch.float64))
+    assert spacing((3, 5)) == (0.5, 0.25)
+
+
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_warp_by_identity_returns_image(dtype, atol, shape):
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 2, *shape, generator=gen, dtype=dtype)
+    torch.testing.assert_close(warp(image, fi.Identity(len(shape))), image, atol=atol, rtol=0)
+    # Also through grid_sample: a zero displacement evaluated by __call__ (no on-grid shortcut).
+    zero = DisplacementField(torch.zeros(3, len(shape), *shape, dtype=dtype))
+    torch.testing.assert_close(warp(image, zero(identity_map(shape, batch=3, dtype=dtype))), image, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_translation_by_one_pixel_shifts_along_the_right_axis(shape):
+    """(image ∘ phi)(x) = image(x + h e_a): warped[i] = image[i + 1] along axis a, for every axis a."""
+    dim = len(shape)
+    image = torch.rand(1, 1, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    h = spacing(shape)
+    for a in range(dim):
+        t = torch.zeros(dim, dtype=torch.float64)
+        t[a] = h[a]
+        warped = warp(image, _displacement_of(Affine(torch.eye(dim, dtype=torch.float64), t), shape, 1,
+                                              torch.float64))
+        inner = [slice(None)] * (dim + 2)
+        inner[2 + a] = slice(0, shape[a] - 1)
+        shifted = [slice(None)] * (dim + 2)
+        shifted[2 + a] = slice(1, None)
+        torch.testing.assert_close(warped[tuple(inner)], image[tuple(shifted)], atol=1e-12, rtol=0)
+        last = [slice(None)] * (dim + 2)
+        last[2 + a] = -1
+        assert torch.all(warped[tuple(last)] == 0)  # sampled outside the image: zero background
+
+
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_composition_of_affine_maps_is_the_affine_product(dtype, atol, shape):
+    dim = len(shape)
+    centre = torch.full((dim,), 0.5, dtype=dtype)
+    # psi: rotate by 0.2 rad and shrink by 0.7 about the centre: maps the box into itself, so that
+    # phi's grid displacement is interpolated inside its grid, where bilinear is exact for affine maps.
+    a_psi = 0.7 * _rotation(dim, 0.2, dtype)
+    t_psi = centre - a_psi @ centre
+    a_phi = torch.eye(dim, dtype=dtype) + 0.1 * torch.randn(dim, dim, dtype=dtype,
+                                                          generator=torch.Generator().manual_seed(2)).to(dtype)
+    t_phi = torch.arange(dim, dtype=dtype) * 0.05 - 0.03
+    psi, phi = Affine(a_psi, t_psi), Affine(a_phi, t_phi)
+    product = Affine(a_phi @ a_psi, a_phi @ t_psi + t_phi)
+    x = identity_map(shape, batch=2, dtype=dtype)
+    # exact composition of exact maps
+    torch.testing.assert_close((phi @ psi)(x), product(x), atol=atol, rtol=0)
+    # composition of grid displacement fields (interpolated) equals the product too
+    composed = Compose(_displacement_of(phi, shape, 2, dtype), _displacement_of(psi, shape, 2, dtype))
+    torch.testing.assert_close(composed.on_grid(shape, batch=2, dtype=dtype), product(x), atol=atol, rtol=0)
+    torch.testing.assert_close(composed(x), product(x), atol=atol, rtol=0)
+    # on a point list (B, dim, N) as well as on grids
+    points = x.flatten(2)[:, :, ::3]
+    torch.testing.assert_close(composed(points), product(points), atol=atol, rtol=0)
+    # and so do the warped images
+    image = torch.rand(2, 1, *shape, dtype=dtype, generator=torch.Generator().manual_seed(3)).to(dtype)
+    torch.testing.assert_close(warp(image, composed), warp(image, product), atol=atol, rtol=0)
+    # and the order matters: psi ∘ phi is a different map
+    assert not torch.allclose((psi @ phi)(x), product(x), atol=1e-3)
+
+
+def test_sample_rejects_bad_input():
+    with pytest.raises(ValueError, match="coords"):
+        fi.sample(torch.zeros(1, 1, 4, 4), torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="batch size"):
+        fi.sample(torch.zeros(2, 1, 4, 4), torch.zeros(1, 2, 4, 4))
+    with pytest.raises(TypeError, match="coords"):
+        fi.sample(torch.zeros(1, 1, 4, 4), [[0.0]])
+    with pytest.raises(ValueError, match="padding_mode"):
+        fi.sample(torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, 4, 4), padding_mode="wrap")
+
+
+def test_warp_gradcheck_float64():
+    shape = (5, 4)
+    image = torch.rand(1, 1, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    # Displacements that keep points strictly inside cells (bilinear is not differentiable on cell edges).
+    u = 0.05 + 0.1 * torch.rand(1, 2, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    u.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda u: warp(image, DisplacementField(u)(identity_map(shape, dtype=u.dtype))), (u,))
+
+
+# ---------------------------------------------------------------- losses and metrics
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_diffusion_is_zero_for_a_translation_and_exact_for_linear_maps(shape):
+    dim = len(shape)
+    t = torch.tensor([0.13, -0.07, 0.02][:dim], dtype=torch.float64)
+    translation = _displacement_of(Affine(torch.eye(dim, dtype=torch.float64), t), shape, 2, torch.float64)
+    phi = translation.on_grid(shape, batch=2, dtype=torch.float64)
+    assert float(losses.diffusion(phi)) == pytest.approx(0.0, abs=1e-20)
+    # u = M x: forward differences are exact, |∇u|_F² = |M|_F² everywhere (unit-box derivatives).
+    m = 0.3 * torch.randn(dim, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    linear = Affine(torch.eye(dim, dtype=torch.float64) + m).on_grid(shape, batch=2, dtype=torch.float64)
+    torch.testing.assert_close(losses.diffusion(linear, reduction="none"),
+                               torch.full((2,), float(m.square().sum()), dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_jacobian_and_folds(shape):
+    dim = len(shape)
+    x = identity_map(shape, batch=1, dtype=torch.float64)
+    torch.testing.assert_close(losses.jacobian_determinant(x), torch.ones(1, *(n - 1 for n in shape), dtype=torch.float64))
+    assert float(losses.folds_fraction(x)) == 0.0
+    m = torch.eye(dim, dtype=torch.float64) + 0.2 * torch.randn(dim, dim, dtype=torch.float64,
+                                                                generator=torch.Generator().manual_seed(7))
+    det = losses.jacobian_determinant(Affine(m)(x))
+    torch.testing.assert_close(det, torch.full_like(det, float(torch.linalg.det(m))), atol=1e-12, rtol=0)
+    # a reflection along axis 0 folds every cell
+    flip = torch.eye(dim, dtype=torch.float64)
+    flip[0, 0] = -1
+    assert float(losses.folds_fraction(Affine(flip, torch.eye(dim, dtype=torch.float64)[0])(x))) == 1.0
+    # a fold over half of axis 0 only: x0 -> |x0 - 0.5| folds the cells of the upper half
+    y = x.clone()
+    y[:, 0] = (x[:, 0] - 0.5).abs()
+    frac = float(losses.folds_fraction(y))
+    assert 0.3 < frac < 0.7
+
+
+def test_ssd_and_lncc():
+    gen = torch.Generator().manual_seed(8)
+    a = torch.rand(2, 1, 12, 13, dtype=torch.float64, generator=gen)
+    b = torch.rand(2, 1, 12, 13, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(losses.ssd(a, b, reduction="none"), (a - b).square().mean((1, 2, 3)))
+    assert float(losses.ssd(a, a)) == 0.0
+    # LNCC ignores local affine intensity changes; eps = 1e-5 against window variances ~1/12 -> ~1e-4 error.
+    assert float(losses.lncc(a, a)) == pytest.approx(0.0, abs=1e-3)
+    assert float(losses.lncc(a, 3 * a + 1)) == pytest.approx(0.0, abs=1e-3)
+    assert float(losses.lncc(a, -a)) == pytest.approx(2.0, abs=1e-3)
+    assert 0.5 < float(losses.lncc(a, b)) < 1.5  # unrelated noise: correlation near 0
+    a3 = torch.rand(1, 1, 6, 7, 8, dtype=torch.float64, generator=gen)
+    assert float(losses.lncc(a3, 2 * a3, window=3)) == pytest.approx(0.0, abs=1e-3)
+    with pytest.raises(ValueError, match="window"):
+        losses.lncc(a, b, window=20)
+    with pytest.raises(ValueError, match="same shape"):
+        losses.ssd(a, b[:, :, :5])
+
+
+def test_inverse_consistency():
+    shape = (9, 8)
+    t = torch.tensor([0.1, -0.05], dtype=torch.float64)
+    fwd = DisplacementField(t.view(1, 2, 1, 1).expand(1, 2, *shape).clone())
+    back = DisplacementField((-t).view(1, 2, 1, 1).expand(1, 2, *shape).clone())
+    assert float(losses.inverse_consistency(fwd, back, shape, batch=1, dtype=torch.float64)) == pytest.approx(0, abs=1e-24)
+    # twice the same translation: off by 2t everywhere
+    assert float(losses.inverse_consistency(fwd, fwd, shape, batch=1, dtype=torch.float64)) == pytest.approx(
+        float((2 * t).square().sum()), rel=1e-12)
+
+
+# ---------------------------------------------------------------- networks and multistep
+
+class _Fixed(torch.nn.Module):
+    """A 'network' returning a given transform, and recording the moving image it was shown."""
+
+    def __init__(self, transform):
+        super().__init__()
+        self.transform, self.seen = transform, None
+
+    def forward(self, moving, fixed):
+        self.seen = moving
+        return self.transform
+
+
+def test_two_step_feeds_the_warped_image_and_composes():
+    shape = (10, 9)
+    dtype = torch.float64
+    image = torch.rand(1, 1, *shape, dtype=dtype, generator=torch.Generator().manual_seed(9))
+    phi = _displacement_of(Affine(torch.eye(2, dtype=dtype) * 0.9, torch.tensor([0.05, 0.02], dtype=dtype)), shape, 1, dtype)
+    psi = _displacement_of(Affine(_rotation(2, 0.1, dtype), torch.tensor([0.03, -0.04], dtype=dtype)), shape, 1, dtype)
+    a, b = _Fixed(phi), _Fixed(psi)
+    out = fi.TwoStep(a, b)(image, image)
+    assert a.seen is image
+    torch.testing.assert_close(b.seen, warp(image, phi))
+    x = identity_map(shape, batch=1, dtype=dtype)
+    torch.testing.assert_close(out(x), phi(psi(x)))
+    # nesting: k steps -> k cumulative maps, the last one the model's map
+    nets = [_Fixed(phi), _Fixed(psi), _Fixed(phi)]
+    model = fi.multistep(nets)
+    maps = fi.step_transforms(model, image, image)
+    assert len(maps) == 3
+    torch.testing.assert_close(maps[-1](x), phi(psi(phi(x))))
+    torch.testing.assert_close(model(image, image)(x), maps[-1](x))
+    torch.testing.assert_close(nets[2].seen, warp(image, Compose(phi, psi)))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fi.multistep([fi.MLP((9, 10), hidden=(50, 50)) for _ in range(3)]),
+    lambda: fi.multistep([fi.UNet(2, features=(4, 8)) for _ in range(2)]),
+], ids=["mlp-3-steps", "unet-2-steps"])
+def test_networks_start_at_identity_and_gradients_flow(make):
+    torch.manual_seed(0)
+    model = make()
+    gen = torch.Generator().manual_seed(10)
+    a, b = torch.rand(4, 1, 9, 10, generator=gen), torch.rand(4, 1, 9, 10, generator=gen)
+    out = fi.registration_loss(model, a, b, lam=0.05)
+    # zero-initialised last layers: the identity map, the loss is the SSD before registration
+    torch.testing.assert_close(out["map"], identity_map((9, 10), batch=4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["loss"], losses.ssd(a, b))
+    out["loss"].backward()
+    params = list(model.parameters())
+    assert all(p.grad is not None for p in params)
+    # every step's output layer gets a gradient (hidden layers only once the output layer is not zero)
+    steps = [m for m in model.modules() if isinstance(m, fi.DisplacementNet)]
+    assert len(steps) >= 2
+    for net in steps:
+        last = net.net[-1] if isinstance(net, fi.MLP) else net.out
+        assert float(last.weight.grad.abs().sum()) > 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.step()
+    opt.zero_grad()
+    fi.registration_loss(model, a, b)["loss"].backward()
+    assert all(float(p.grad.abs().sum()) > 0 for p in params)
+
+
+def test_3d_networks_and_inverse_consistency_loss():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(11)
+    a, b = torch.rand(2, 1, 6, 7, 5, generator=gen), torch.rand(2, 1, 6, 7, 5, generator=gen)
+    for make in (lambda: fi.MLP((6, 7, 5)), lambda: fi.UNet(3, features=(4, 4))):
+        model = fi.multistep([make(), make()])
+        out = fi.registration_loss(model, a, b, regulariser="inverse_consistency", lam=1.0, similarity_name="lncc")
+        assert out["map"].shape == (2, 3, 6, 7, 5)
+        assert out["regulariser"].item() == pytest.approx(0.0, abs=1e-10)  # identity ∘ identity
+        out["loss"].backward()
+        assert any(float(p.grad.abs().sum()) > 0 for p in model.parameters())
+
+
+def test_train_draws_distinct_pairs_within_one_group():
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.zeros(()))
+            self.pairs = []
+
+        def forward(self, moving, fixed):
+            self.pairs.append((moving.clone(), fixed.clone()))
+            return DisplacementField(self.scale * torch.ones(moving.shape[0], 2, *moving.shape[2:]))
+
+    gen = torch.Generator().manual_seed(13)
+    # every image is a distinct constant: group 0 in [0, 1), group 1 in [10, 11)
+    group0 = torch.rand(5, generator=gen).view(5, 1, 1, 1).expand(5, 1, 4, 4).clone()
+    group1 = group0 + 10
+    model = Recorder()
+    history = fi.train(model, [group0, group1], iterations=12, batch_size=7, log_every=5)
+    assert [h["iteration"] for h in history] == [0, 5, 10, 11]
+    seen_groups = set()
+    for moving, fixed in model.pairs:
+        m, f = moving[:, 0, 0, 0], fixed[:, 0, 0, 0]
+        assert torch.all(m != f)  # never an image with itself
+        assert torch.all((m >= 10) == (f >= 10)) and torch.all((m >= 10) == (m[0] >= 10))  # one group a batch
+        seen_groups.add(bool(m[0] >= 10))
+    assert seen_groups == {False, True}
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="regulariser"):
+        fi.registration_loss(fi.MLP((4, 4)), torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), regulariser="bending")
+    with pytest.raises(ValueError, match="MLP built for"):
+        fi.MLP((4, 4))(torch.zeros(1, 1, 5, 5), torch.zeros(1, 1, 5, 5))
+    with pytest.raises(ValueError, match="moving and fixed"):
+        fi.UNet(2)(torch.zeros(1, 1, 5, 5), torch.zeros(1, 1, 5, 6))
+    with pytest.raises(ValueError, match="batch_size"):
+        fi.train(fi.MLP((4, 4)), torch.zeros(3, 1, 4, 4), batch_size=0)
+    with pytest.raises(ValueError, match="steps"):
+        digits.run([5], [5], "unused", steps=-1)
+    with pytest.raises(ValueError, match="digits"):
+        digits.run([12], [5], "unused")
+
+
+# ---------------------------------------------------------------- digits
+
+def test_load_digits_layout():
+    fives = digits.load_digits(5)
+    assert fives.shape[1:] == (1, 28, 28) and 150 < fives.shape[0] < 200
+    assert float(fives.min()) >= 0 and float(fives.max()) <= 1
+    assert float(fives[..., :4, :].abs().max()) == 0  # MNIST-like empty margin
+    train, held = digits.split(fives, seed=0)
+    assert train.shape[0] + held.shape[0] == fives.shape[0]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny (32, 1, 28, 28) ops gain nothing from intra-op threads, and on a busy CI machine the
+    thread barriers of hundreds of small ops cost more than the work: run single-threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_short_training_lowers_ssd_on_held_out_fives(tmp_path, one_thread):
+    metrics = digits.run([5], [5, 7], tmp_path, seed=0, progress=False, steps=60, composed_steps=2,
+                         batch_size=32, lr=3e-3, eval_pairs_per_digit=24, figure_rows=2)
+    assert set(metrics) == {"5", "7"}
+    for m in metrics.values():
+        assert set(m) == {"ssd_before", "ssd_after", "folds_fraction"}
+        assert 0.0 <= m["folds_fraction"] <= 1.0
+    assert metrics["5"]["ssd_after"] < 0.8 * metrics["5"]["ssd_before"]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    for d in (5, 7):
+        assert (tmp_path / f"digits_{d}.png").stat().st_size > 1000
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU machine: pytest -m gpu)")
+def test_cuda_matches_cpu():
+    torch.manual_seed(0)
+    model = fi.multistep([fi.MLP((9, 10)) for _ in range(2)])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(12)
+    a, b = torch.rand(3, 1, 9, 10, generator=gen), torch.rand(3, 1, 9, 10, generator=gen)
+    cpu = fi.registration_loss(model, a, b)["loss"]
+    gpu = fi.registration_loss(model.cuda(), a.cuda(), b.cuda())["loss"]
+    # float32: GPU and CPU sum in different orders (matmul, grid_sample backward): ~1e-6 relative, 100x margin
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-6)
