@@ -101,9 +101,10 @@ def test_registration_save_load_round_trip(l2_registration, tmp_path):
 
 def test_registration_lbfgs_and_chamfer():
     src, tgt = circle_pair(40)
-    r = fl.register(src, tgt[torch.randperm(40)], data_term="chamfer", optimizer="lbfgs", width=16, layers=4,
-                    steps=8, progress=False)
-    assert r.history["data"][-1] < 0.2 * r.history["data"][0]
+    tgt = tgt[torch.randperm(40)]
+    r = fl.register(src, tgt, data_term="chamfer", optimizer="lbfgs", width=16, layers=4, steps=8, progress=False)
+    # history holds one value per outer L-BFGS step (after its inner iterations): compare with the start
+    assert float(fl.chamfer(r.transform(src), tgt)) < 0.1 * float(fl.chamfer(src, tgt))
 
 
 def test_registration_checkpoint_resume_equals_uninterrupted(tmp_path):

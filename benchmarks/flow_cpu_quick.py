@@ -1,0 +1,93 @@
+"""Quick side-by-side of the fused Euler flow on the CPU: compiled path ("cpu") vs the reference (eager
+autograd through fastlddmm.reference.flow). Forward and forward+backward wall time, and the peak extra
+resident memory of one forward+backward (each backend in its own subprocess, so the high-water marks do
+not mix).
+
+    python benchmarks/flow_cpu_quick.py [--points 200000] [--width 64] [--layers 10] [--dim 3] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _worker(args) -> None:
+    import torch
+
+    from fastlddmm.ops.euler_flow import euler_flow
+
+    torch.manual_seed(0)
+    L, H, D, N = args.layers, args.width, args.dim, args.points
+    x = torch.randn(N, D)
+    params = [torch.empty(L, H, D).uniform_(-D**-0.5, D**-0.5), torch.empty(L, H).uniform_(-D**-0.5, D**-0.5),
+              torch.randn(L, D, H) / H**0.5, torch.randn(L, D) * 0.1]
+    params = [p.requires_grad_(True) for p in params]
+    dt = 1.0 / L
+
+    def fwd():
+        with torch.no_grad():
+            return euler_flow(x, *params, dt, "relu", backend=args.backend)
+
+    def fwd_bwd():
+        out, energy = euler_flow(x, *params, dt, "relu", backend=args.backend)
+        return torch.autograd.grad(out.square().mean() + energy, params)
+
+    baseline = _rss_bytes()
+    fwd_bwd()  # warm-up; also sets the peak RSS of one forward+backward
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+
+    def timed(fn):
+        times = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    print(json.dumps({"backend": args.backend, "forward_s": timed(fwd), "forward_backward_s": timed(fwd_bwd),
+                      "peak_extra_mib": peak / 2**20, "threads": torch.get_num_threads()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--points", type=int, default=200_000)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=10)
+    parser.add_argument("--dim", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--backend", default=None, help=argparse.SUPPRESS)  # set in the worker subprocess
+    args = parser.parse_args()
+    if args.backend is not None:
+        return _worker(args)
+
+    print(f"N={args.points} D={args.dim} width={args.width} layers={args.layers} float32, relu, "
+          f"{os.cpu_count()} CPU cores; median of {args.repeat}")
+    rows = []
+    for backend in ("reference", "cpu"):
+        cmd = [sys.executable, __file__, "--backend", backend] + [
+            f"--{k}={getattr(args, k)}" for k in ("points", "width", "layers", "dim", "repeat")]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    print(f"{'backend':<10} {'forward':>10} {'fwd+bwd':>10} {'peak extra RSS':>15}")
+    for r in rows:
+        print(f"{r['backend']:<10} {r['forward_s']:>9.3f}s {r['forward_backward_s']:>9.3f}s "
+              f"{r['peak_extra_mib']:>12.1f} MiB")
+    ref, cpu = rows
+    print(f"speed-up fwd+bwd: {ref['forward_backward_s'] / cpu['forward_backward_s']:.2f}x, "
+          f"memory: {ref['peak_extra_mib'] / max(cpu['peak_extra_mib'], 1e-9):.1f}x less")
+
+
+if __name__ == "__main__":
+    main()

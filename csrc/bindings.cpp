@@ -1,0 +1,202 @@
+// pybind11 entry points of fastlddmm._C. Everything is passed as raw buffers: data pointers as
+// integers (torch's Tensor.data_ptr()), sizes and scalars as Python numbers, the CUDA stream as an
+// integer (torch.cuda.current_stream().cuda_stream). No torch headers: the module does not depend on
+// one torch build's C++ ABI. The Python launchers (fastlddmm/ops/_euler_flow_cpu.py, _cuda.py) check
+// shapes, dtypes, devices and contiguity before calling in here.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "euler_flow/euler_flow.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+using fastlddmm::Activation;
+using fastlddmm::FlowSizes;
+using ptr_t = std::uintptr_t;
+
+namespace {
+
+FlowSizes make_sizes(int64_t n, int64_t dim, int64_t width, int64_t layers) {
+  if (n < 1) throw std::invalid_argument("euler_flow: need at least one point (n >= 1), got " + std::to_string(n));
+  if (dim < 1 || width < 1 || layers < 0)
+    throw std::invalid_argument("euler_flow: invalid sizes dim=" + std::to_string(dim) + " width=" +
+                                std::to_string(width) + " layers=" + std::to_string(layers));
+  return FlowSizes{n, dim, width, layers};
+}
+
+void require(ptr_t p, const char* name) {
+  if (p == 0) throw std::invalid_argument(std::string("euler_flow: null data pointer for ") + name);
+}
+
+void require_params(ptr_t w1, ptr_t b1, ptr_t w2, ptr_t b2) {
+  require(w1, "weight1");
+  require(b1, "bias1");
+  require(w2, "weight2");
+  require(b2, "bias2");
+}
+
+bool is_double(const std::string& dtype) {
+  if (dtype == "float64") return true;
+  if (dtype == "float32") return false;
+  throw std::invalid_argument("euler_flow: dtype must be 'float32' or 'float64', got '" + dtype + "'");
+}
+
+template <typename T>
+T* P(ptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+void cpu_forward(const std::string& dtype, ptr_t x, ptr_t w1, ptr_t b1, ptr_t w2, ptr_t b2, double dt,
+                 const std::string& activation, int64_t n, int64_t dim, int64_t width, int64_t layers,
+                 int num_threads, ptr_t x_final, ptr_t states, ptr_t energy) {
+  const FlowSizes s = make_sizes(n, dim, width, layers);
+  const Activation act = fastlddmm::parse_activation(activation);
+  require(x, "x");
+  require(x_final, "x_final");
+  require(energy, "energy");
+  if (layers > 0) require_params(w1, b1, w2, b2);
+  py::gil_scoped_release release;  // pure C++ from here on: other Python threads may run
+  if (is_double(dtype)) {
+    fastlddmm::euler_flow_forward_cpu<double>(P<const double>(x), P<const double>(w1), P<const double>(b1),
+                                              P<const double>(w2), P<const double>(b2), dt, act, s, num_threads,
+                                              P<double>(x_final), P<double>(states), P<double>(energy));
+  } else {
+    fastlddmm::euler_flow_forward_cpu<float>(P<const float>(x), P<const float>(w1), P<const float>(b1),
+                                             P<const float>(w2), P<const float>(b2), static_cast<float>(dt), act, s,
+                                             num_threads, P<float>(x_final), P<float>(states), P<float>(energy));
+  }
+}
+
+void cpu_backward(const std::string& dtype, ptr_t grad_x_final, double grad_energy, ptr_t states, ptr_t w1,
+                  ptr_t b1, ptr_t w2, ptr_t b2, double dt, const std::string& activation, int64_t n, int64_t dim,
+                  int64_t width, int64_t layers, int num_threads, ptr_t grad_x, ptr_t gw1, ptr_t gb1, ptr_t gw2,
+                  ptr_t gb2) {
+  const FlowSizes s = make_sizes(n, dim, width, layers);
+  const Activation act = fastlddmm::parse_activation(activation);
+  require(grad_x_final, "grad_x_final");
+  require(grad_x, "grad_x");
+  if (layers > 0) {
+    require(states, "states");
+    require_params(w1, b1, w2, b2);
+    require_params(gw1, gb1, gw2, gb2);
+  }
+  py::gil_scoped_release release;
+  if (is_double(dtype)) {
+    fastlddmm::euler_flow_backward_cpu<double>(
+        P<const double>(grad_x_final), grad_energy, P<const double>(states), P<const double>(w1),
+        P<const double>(b1), P<const double>(w2), P<const double>(b2), dt, act, s, num_threads, P<double>(grad_x),
+        P<double>(gw1), P<double>(gb1), P<double>(gw2), P<double>(gb2));
+  } else {
+    fastlddmm::euler_flow_backward_cpu<float>(
+        P<const float>(grad_x_final), static_cast<float>(grad_energy), P<const float>(states), P<const float>(w1),
+        P<const float>(b1), P<const float>(w2), P<const float>(b2), static_cast<float>(dt), act, s, num_threads,
+        P<float>(grad_x), P<float>(gw1), P<float>(gb1), P<float>(gw2), P<float>(gb2));
+  }
+}
+
+#ifdef FASTLDDMM_WITH_CUDA
+void cuda_forward(const std::string& dtype, ptr_t x, ptr_t w1, ptr_t b1, ptr_t w2, ptr_t b2, double dt,
+                  const std::string& activation, int64_t n, int64_t dim, int64_t width, int64_t layers,
+                  ptr_t x_final, ptr_t states, ptr_t energy_acc, ptr_t stream) {
+  const FlowSizes s = make_sizes(n, dim, width, layers);
+  const Activation act = fastlddmm::parse_activation(activation);
+  require(x, "x");
+  require(x_final, "x_final");
+  require(energy_acc, "energy_acc");
+  py::gil_scoped_release release;
+  if (is_double(dtype)) {
+    fastlddmm::euler_flow_forward_cuda<double>(P<const double>(x), P<const double>(w1), P<const double>(b1),
+                                               P<const double>(w2), P<const double>(b2), dt, act, s,
+                                               P<double>(x_final), P<double>(states), P<double>(energy_acc), stream);
+  } else {
+    fastlddmm::euler_flow_forward_cuda<float>(P<const float>(x), P<const float>(w1), P<const float>(b1),
+                                              P<const float>(w2), P<const float>(b2), static_cast<float>(dt), act, s,
+                                              P<float>(x_final), P<float>(states), P<double>(energy_acc), stream);
+  }
+}
+
+void cuda_backward(const std::string& dtype, ptr_t grad_x_final, ptr_t grad_energy, ptr_t states, ptr_t w1,
+                   ptr_t b1, ptr_t w2, ptr_t b2, double dt, const std::string& activation, int64_t n, int64_t dim,
+                   int64_t width, int64_t layers, ptr_t grad_x, ptr_t gw1, ptr_t gb1, ptr_t gw2, ptr_t gb2,
+                   ptr_t stream) {
+  const FlowSizes s = make_sizes(n, dim, width, layers);
+  const Activation act = fastlddmm::parse_activation(activation);
+  require(grad_x_final, "grad_x_final");
+  require(grad_energy, "grad_energy");
+  require(grad_x, "grad_x");
+  py::gil_scoped_release release;
+  if (is_double(dtype)) {
+    fastlddmm::euler_flow_backward_cuda<double>(
+        P<const double>(grad_x_final), P<const double>(grad_energy), P<const double>(states), P<const double>(w1),
+        P<const double>(b1), P<const double>(w2), P<const double>(b2), dt, act, s, P<double>(grad_x),
+        P<double>(gw1), P<double>(gb1), P<double>(gw2), P<double>(gb2), stream);
+  } else {
+    fastlddmm::euler_flow_backward_cuda<float>(
+        P<const float>(grad_x_final), P<const float>(grad_energy), P<const float>(states), P<const float>(w1),
+        P<const float>(b1), P<const float>(w2), P<const float>(b2), static_cast<float>(dt), act, s,
+        P<float>(grad_x), P<float>(gw1), P<float>(gb1), P<float>(gw2), P<float>(gb2), stream);
+  }
+}
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastlddmm compiled kernels (fused Euler flow) on raw buffers; see csrc/euler_flow/euler_flow.h";
+
+  m.def("has_cuda", [] {
+#ifdef FASTLDDMM_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "True when the module was built with the CUDA kernels (FASTLDDMM_CUDA / nvcc found at build time).");
+
+  m.def("has_openmp", [] {
+#ifdef _OPENMP
+    return true;
+#else
+    return false;
+#endif
+  }, "True when the CPU kernels were compiled with OpenMP (multithreaded).");
+
+  m.def("max_threads", [] {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+  }, "The OpenMP default thread count of this module.");
+
+  m.def("euler_flow_forward_cpu", &cpu_forward, py::arg("dtype"), py::arg("x"), py::arg("weight1"),
+        py::arg("bias1"), py::arg("weight2"), py::arg("bias2"), py::arg("dt"), py::arg("activation"), py::arg("n"),
+        py::arg("dim"), py::arg("width"), py::arg("layers"), py::arg("num_threads"), py::arg("x_final"),
+        py::arg("states"), py::arg("energy"),
+        "Fused Euler flow forward on CPU buffers (pointers as integers; states may be 0 to save nothing).");
+  m.def("euler_flow_backward_cpu", &cpu_backward, py::arg("dtype"), py::arg("grad_x_final"),
+        py::arg("grad_energy"), py::arg("states"), py::arg("weight1"), py::arg("bias1"), py::arg("weight2"),
+        py::arg("bias2"), py::arg("dt"), py::arg("activation"), py::arg("n"), py::arg("dim"), py::arg("width"),
+        py::arg("layers"), py::arg("num_threads"), py::arg("grad_x"), py::arg("grad_weight1"),
+        py::arg("grad_bias1"), py::arg("grad_weight2"), py::arg("grad_bias2"),
+        "Fused Euler flow backward on CPU buffers (pointers as integers); overwrites every gradient buffer.");
+#ifdef FASTLDDMM_WITH_CUDA
+  m.def("euler_flow_forward_cuda", &cuda_forward, py::arg("dtype"), py::arg("x"), py::arg("weight1"),
+        py::arg("bias1"), py::arg("weight2"), py::arg("bias2"), py::arg("dt"), py::arg("activation"), py::arg("n"),
+        py::arg("dim"), py::arg("width"), py::arg("layers"), py::arg("x_final"), py::arg("states"),
+        py::arg("energy_acc"), py::arg("stream"),
+        "Fused Euler flow forward on device buffers; energy_acc: zeroed float64 (1,), receives sum |v|^2.");
+  m.def("euler_flow_backward_cuda", &cuda_backward, py::arg("dtype"), py::arg("grad_x_final"),
+        py::arg("grad_energy"), py::arg("states"), py::arg("weight1"), py::arg("bias1"), py::arg("weight2"),
+        py::arg("bias2"), py::arg("dt"), py::arg("activation"), py::arg("n"), py::arg("dim"), py::arg("width"),
+        py::arg("layers"), py::arg("grad_x"), py::arg("grad_weight1"), py::arg("grad_bias1"),
+        py::arg("grad_weight2"), py::arg("grad_bias2"), py::arg("stream"),
+        "Fused Euler flow backward on device buffers; parameter gradient buffers must be zeroed (accumulated).");
+  m.attr("CUDA_MAX_DIM") = fastlddmm::kCudaMaxDim;
+#endif
+}

@@ -1,0 +1,102 @@
+// The fused ResNet-LDDMM Euler flow: L residual blocks x^{l+1} = x^l + dt * v_l(x^l),
+// v_l(x) = W2_l rho(W1_l x + b1_l) + b2_l, and the kinetic energy
+// energy = 1/2 * dt * sum_l sum_i |v_l(x_i^l)|^2 / N.
+// The ground truth is fastlddmm/reference/flow.py; the Python launchers are fastlddmm/ops/_euler_flow_*.py.
+//
+// Every function works on raw, C-contiguous buffers of one dtype (float or double) allocated by the
+// caller (Python/torch): no torch headers here, so the compiled module is not tied to a torch C++ ABI.
+// Parameters are stacked over layers:
+//   weight1 (L, H, D)   bias1 (L, H)   weight2 (L, D, H)   bias2 (L, D)
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace fastlddmm {
+
+// Pointwise nonlinearity rho, spelled as in Python ("relu", "tanh", "softplus").
+enum class Activation : int { kRelu = 0, kTanh = 1, kSoftplus = 2 };
+
+// Parses "relu" / "tanh" / "softplus"; throws std::invalid_argument otherwise.
+Activation parse_activation(const std::string& name);
+
+// Sizes of one call: N points of dimension D, L layers of hidden width H.
+struct FlowSizes {
+  int64_t n;       // N >= 1
+  int64_t dim;     // D >= 1
+  int64_t width;   // H >= 1
+  int64_t layers;  // L >= 0
+};
+
+// ---------------------------------------------------------------------------------------------
+// CPU (csrc/euler_flow/euler_flow_cpu.cpp): OpenMP over tiles of points, all layers per tile
+// (the weights of all layers stay in cache); hidden activations live only in a per-thread tile.
+// ---------------------------------------------------------------------------------------------
+
+// Forward pass.
+// Args:
+//   x:        (N, D)    the input points
+//   weight1:  (L, H, D), bias1: (L, H), weight2: (L, D, H), bias2: (L, D)
+//   dt:       the Euler step
+//   act:      the activation
+//   num_threads: OpenMP threads (<= 0: the OpenMP default)
+// Returns (written into caller buffers):
+//   x_final:  (N, D)    the points after L steps
+//   states:   (L, N, D) states[l] = x^l, the input of block l; may be null (nothing saved, for inference)
+//   energy:   (1,)      1/2 dt sum_l sum_i |v_l(x_i^l)|^2 / N (summed per tile in double, tiles in order:
+//                       deterministic whatever the thread count)
+template <typename scalar_t>
+void euler_flow_forward_cpu(const scalar_t* x, const scalar_t* weight1, const scalar_t* bias1,
+                            const scalar_t* weight2, const scalar_t* bias2, scalar_t dt, Activation act,
+                            FlowSizes sizes, int num_threads, scalar_t* x_final, scalar_t* states,
+                            scalar_t* energy);
+
+// Backward pass (recomputes z, h, v of each layer from states; never stores N*H values).
+// Args:
+//   grad_x_final: (N, D)  dLoss/dx_final
+//   grad_energy:  scalar  dLoss/denergy
+//   states:       (L, N, D) from the forward pass
+//   weight1 .. bias2, dt, act, num_threads as in the forward pass
+// Returns (written into caller buffers, every one fully overwritten):
+//   grad_x:       (N, D)
+//   grad_weight1: (L, H, D), grad_bias1: (L, H), grad_weight2: (L, D, H), grad_bias2: (L, D)
+//                 tile sums (<= 64 points, scalar_t) added into per-thread double partials, then reduced
+//                 in thread order: deterministic for a fixed thread count.
+template <typename scalar_t>
+void euler_flow_backward_cpu(const scalar_t* grad_x_final, scalar_t grad_energy, const scalar_t* states,
+                             const scalar_t* weight1, const scalar_t* bias1, const scalar_t* weight2,
+                             const scalar_t* bias2, scalar_t dt, Activation act, FlowSizes sizes,
+                             int num_threads, scalar_t* grad_x, scalar_t* grad_weight1, scalar_t* grad_bias1,
+                             scalar_t* grad_weight2, scalar_t* grad_bias2);
+
+// ---------------------------------------------------------------------------------------------
+// CUDA (csrc/euler_flow/euler_flow_cuda.cu), compiled only when CMake found a CUDA compiler
+// (FASTLDDMM_WITH_CUDA). Same arguments as the CPU functions, but every pointer is a device
+// pointer and the kernels run on `stream` (a cudaStream_t passed as an integer; 0 = legacy default).
+// One thread per point, all layers per thread; weight gradients are reduced per warp, then per block
+// in shared memory, then with global atomics (so not bitwise deterministic).
+// Supports D <= kCudaMaxDim (the point stays in registers).
+// Extra argument of the forward pass:
+//   energy_acc: (1,) double, zeroed by the caller; receives sum_l sum_i |v|^2 (not yet scaled)
+// The backward pass reads grad_energy from a device pointer (1,) (no host sync), and its gradient
+// buffers for the weights and biases must be zeroed by the caller (they are accumulated).
+// Errors (launch failures, D too large) throw std::runtime_error.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kCudaMaxDim = 64;
+
+bool cuda_compiled();
+
+template <typename scalar_t>
+void euler_flow_forward_cuda(const scalar_t* x, const scalar_t* weight1, const scalar_t* bias1,
+                             const scalar_t* weight2, const scalar_t* bias2, scalar_t dt, Activation act,
+                             FlowSizes sizes, scalar_t* x_final, scalar_t* states, double* energy_acc,
+                             std::uintptr_t stream);
+
+template <typename scalar_t>
+void euler_flow_backward_cuda(const scalar_t* grad_x_final, const scalar_t* grad_energy, const scalar_t* states,
+                              const scalar_t* weight1, const scalar_t* bias1, const scalar_t* weight2,
+                              const scalar_t* bias2, scalar_t dt, Activation act, FlowSizes sizes,
+                              scalar_t* grad_x, scalar_t* grad_weight1, scalar_t* grad_bias1,
+                              scalar_t* grad_weight2, scalar_t* grad_bias2, std::uintptr_t stream);
+
+}  // namespace fastlddmm

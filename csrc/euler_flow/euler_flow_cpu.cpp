@@ -1,0 +1,323 @@
+// CPU (OpenMP) forward and backward of the fused Euler flow. See euler_flow.h for the contract.
+//
+// Layout of the work: points are cut into tiles of `tile` points; one thread runs a whole tile through
+// all L layers (forward) or back through them (backward), so the weights of every layer are reused from
+// cache for each tile, and only tile-sized hidden activations (H x tile) ever exist.
+// Inside a tile the arrays are stored point-innermost ("transposed": [row][point]) so every inner loop
+// runs over contiguous points and vectorises whatever D and H are.
+#include "euler_flow.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace fastlddmm {
+
+Activation parse_activation(const std::string& name) {
+  if (name == "relu") return Activation::kRelu;
+  if (name == "tanh") return Activation::kTanh;
+  if (name == "softplus") return Activation::kSoftplus;
+  throw std::invalid_argument("activation must be 'relu', 'tanh' or 'softplus', got '" + name + "'");
+}
+
+namespace {
+
+// rho(z). softplus follows torch.nn.functional.softplus(beta=1, threshold=20): linear above 20.
+template <typename T, Activation A>
+inline T act_value(T z) {
+  if constexpr (A == Activation::kRelu) {
+    return z > T(0) ? z : T(0);
+  } else if constexpr (A == Activation::kTanh) {
+    return std::tanh(z);
+  } else {
+    return z > T(20) ? z : std::log1p(std::exp(z));
+  }
+}
+
+// rho'(z), given h = rho(z). Same conventions as torch's backward formulas (relu'(0) = 0,
+// tanh' = 1 - h^2, softplus' = sigmoid(z) below the threshold and exactly 1 above it).
+template <typename T, Activation A>
+inline T act_grad(T z, T h) {
+  if constexpr (A == Activation::kRelu) {
+    return z > T(0) ? T(1) : T(0);
+  } else if constexpr (A == Activation::kTanh) {
+    return T(1) - h * h;
+  } else {
+    return z > T(20) ? T(1) : T(1) / (T(1) + std::exp(-z));
+  }
+}
+
+int resolve_threads(int num_threads) {
+#ifdef _OPENMP
+  return num_threads > 0 ? num_threads : omp_get_max_threads();
+#else
+  (void)num_threads;
+  return 1;
+#endif
+}
+
+int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// Points per tile: the three H x tile hidden arrays of the backward pass should fit in ~96 KiB (L2).
+template <typename T>
+int64_t tile_size(int64_t width) {
+  int64_t tile = 64;
+  while (tile > 8 && 3 * width * tile * static_cast<int64_t>(sizeof(T)) > 96 * 1024) tile /= 2;
+  return tile;
+}
+
+// Sum of a[0..n) (or of a[i] * b[i]); the simd reduction lets the compiler vectorise it.
+template <typename T>
+inline T sum(const T* a, int64_t n) {
+  T s = T(0);
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i];
+  return s;
+}
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  T s = T(0);
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Copies n points (rows of D values) of `src` into the transposed tile dst[d * stride + i], and back.
+template <typename T>
+void load_tile(const T* src, int64_t n, int64_t dim, int64_t stride, T* dst) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t d = 0; d < dim; ++d) dst[d * stride + i] = src[i * dim + d];
+}
+
+template <typename T>
+void store_tile(const T* src, int64_t n, int64_t dim, int64_t stride, T* dst) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t d = 0; d < dim; ++d) dst[i * dim + d] = src[d * stride + i];
+}
+
+// One block on a tile of n points: z = W1 x + b1, h = rho(z), v = W2 h + b2 (all [row][point]).
+template <typename T, Activation A>
+void block_forward(const T* w1, const T* b1, const T* w2, const T* b2, int64_t dim, int64_t width, int64_t n,
+                   int64_t stride, const T* xt, T* zt, T* ht, T* vt) {
+  for (int64_t k = 0; k < width; ++k) {
+    T* zk = zt + k * stride;
+    const T bk = b1[k];
+    for (int64_t i = 0; i < n; ++i) zk[i] = bk;
+    for (int64_t d = 0; d < dim; ++d) {
+      const T w = w1[k * dim + d];
+      const T* xd = xt + d * stride;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) zk[i] += w * xd[i];
+    }
+    T* hk = ht + k * stride;
+    for (int64_t i = 0; i < n; ++i) hk[i] = act_value<T, A>(zk[i]);
+  }
+  for (int64_t d = 0; d < dim; ++d) {
+    T* vd = vt + d * stride;
+    const T bd = b2[d];
+    for (int64_t i = 0; i < n; ++i) vd[i] = bd;
+    for (int64_t k = 0; k < width; ++k) {
+      const T w = w2[d * width + k];
+      const T* hk = ht + k * stride;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) vd[i] += w * hk[i];
+    }
+  }
+}
+
+template <typename T, Activation A>
+void forward_impl(const T* x, const T* weight1, const T* bias1, const T* weight2, const T* bias2, T dt,
+                  FlowSizes s, int num_threads, T* x_final, T* states, T* energy) {
+  const int64_t N = s.n, D = s.dim, H = s.width, L = s.layers;
+  const int64_t tile = tile_size<T>(H);
+  const int64_t ntiles = (N + tile - 1) / tile;
+  // One partial energy per tile, summed in tile order afterwards: the result does not depend on
+  // how tiles were shared between threads.
+  std::vector<double> tile_energy(static_cast<size_t>(ntiles), 0.0);
+  const int threads = resolve_threads(num_threads);
+
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<T> xt(D * tile), zt(H * tile), ht(H * tile), vt(D * tile);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t p0 = t * tile, n = std::min(tile, N - p0);
+      load_tile(x + p0 * D, n, D, tile, xt.data());
+      double e = 0.0;
+      for (int64_t l = 0; l < L; ++l) {
+        if (states != nullptr) store_tile(xt.data(), n, D, tile, states + (l * N + p0) * D);
+        block_forward<T, A>(weight1 + l * H * D, bias1 + l * H, weight2 + l * D * H, bias2 + l * D, D, H, n,
+                            tile, xt.data(), zt.data(), ht.data(), vt.data());
+        for (int64_t d = 0; d < D; ++d) {
+          T* xd = xt.data() + d * tile;
+          const T* vd = vt.data() + d * tile;
+          e += static_cast<double>(dot(vd, vd, n));
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) xd[i] += dt * vd[i];
+        }
+      }
+      store_tile(xt.data(), n, D, tile, x_final + p0 * D);
+      tile_energy[static_cast<size_t>(t)] = e;
+    }
+  }
+  double total = 0.0;
+  for (double e : tile_energy) total += e;
+  energy[0] = static_cast<T>(0.5 * static_cast<double>(dt) * total / static_cast<double>(N));
+}
+
+template <typename T, Activation A>
+void backward_impl(const T* grad_x_final, T grad_energy, const T* states, const T* weight1, const T* bias1,
+                   const T* weight2, const T* bias2, T dt, FlowSizes s, int num_threads, T* grad_x,
+                   T* grad_weight1, T* grad_bias1, T* grad_weight2, T* grad_bias2) {
+  const int64_t N = s.n, D = s.dim, H = s.width, L = s.layers;
+  const int64_t tile = tile_size<T>(H);
+  const int64_t ntiles = (N + tile - 1) / tile;
+  const int threads = resolve_threads(num_threads);
+  // Per-thread partial sums of the parameter gradients, in double, laid out as
+  // [gw1 (L,H,D) | gb1 (L,H) | gw2 (L,D,H) | gb2 (L,D)].
+  const int64_t o_gb1 = L * H * D, o_gw2 = o_gb1 + L * H, o_gb2 = o_gw2 + L * D * H;
+  const int64_t psize = o_gb2 + L * D;
+  std::vector<double> partial(static_cast<size_t>(threads * psize), 0.0);
+  // dLoss/dv_i from the energy term: e * dt / N * v_i.
+  const T ce = static_cast<T>(static_cast<double>(grad_energy) * static_cast<double>(dt) / static_cast<double>(N));
+
+#pragma omp parallel num_threads(threads)
+  {
+    double* acc = partial.data() + thread_id() * psize;
+    std::vector<T> xt(D * tile), zt(H * tile), ht(H * tile), vt(D * tile), gt(D * tile), gvt(D * tile),
+        gzt(H * tile);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t p0 = t * tile, n = std::min(tile, N - p0);
+      load_tile(grad_x_final + p0 * D, n, D, tile, gt.data());  // g = dLoss/dx^{l+1}
+      for (int64_t l = L - 1; l >= 0; --l) {
+        const T* w1 = weight1 + l * H * D;
+        const T* w2 = weight2 + l * D * H;
+        load_tile(states + (l * N + p0) * D, n, D, tile, xt.data());
+        block_forward<T, A>(w1, bias1 + l * H, w2, bias2 + l * D, D, H, n, tile, xt.data(), zt.data(), ht.data(),
+                            vt.data());
+        // gv = dt g + ce v;  grad_W2 += gv h^T;  grad_b2 += gv
+        for (int64_t d = 0; d < D; ++d) {
+          T* gvd = gvt.data() + d * tile;
+          const T* gd = gt.data() + d * tile;
+          const T* vd = vt.data() + d * tile;
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) gvd[i] = dt * gd[i] + ce * vd[i];
+          acc[o_gb2 + l * D + d] += static_cast<double>(sum(gvd, n));
+          double* agw2 = acc + o_gw2 + (l * D + d) * H;
+          for (int64_t k = 0; k < H; ++k) agw2[k] += static_cast<double>(dot(gvd, ht.data() + k * tile, n));
+        }
+        // gz = (W2^T gv) * rho'(z);  grad_W1 += gz x^T;  grad_b1 += gz
+        for (int64_t k = 0; k < H; ++k) {
+          T* gzk = gzt.data() + k * tile;
+          for (int64_t i = 0; i < n; ++i) gzk[i] = T(0);
+          for (int64_t d = 0; d < D; ++d) {
+            const T w = w2[d * H + k];
+            const T* gvd = gvt.data() + d * tile;
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) gzk[i] += w * gvd[i];
+          }
+          const T* zk = zt.data() + k * tile;
+          const T* hk = ht.data() + k * tile;
+          for (int64_t i = 0; i < n; ++i) gzk[i] *= act_grad<T, A>(zk[i], hk[i]);
+          acc[o_gb1 + l * H + k] += static_cast<double>(sum(gzk, n));
+          double* agw1 = acc + (l * H + k) * D;
+          for (int64_t d = 0; d < D; ++d) agw1[d] += static_cast<double>(dot(gzk, xt.data() + d * tile, n));
+        }
+        // g <- g + W1^T gz  (now dLoss/dx^l)
+        for (int64_t k = 0; k < H; ++k) {
+          const T* gzk = gzt.data() + k * tile;
+          for (int64_t d = 0; d < D; ++d) {
+            const T w = w1[k * D + d];
+            T* gd = gt.data() + d * tile;
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) gd[i] += w * gzk[i];
+          }
+        }
+      }
+      store_tile(gt.data(), n, D, tile, grad_x + p0 * D);
+    }
+  }
+
+  // Reduce the per-thread partials in thread order (deterministic for a fixed thread count).
+  T* outs[4] = {grad_weight1, grad_bias1, grad_weight2, grad_bias2};
+  const int64_t starts[5] = {0, o_gb1, o_gw2, o_gb2, psize};
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t j = 0; j < psize; ++j) {
+    double total = 0.0;
+    for (int p = 0; p < threads; ++p) total += partial[static_cast<size_t>(p * psize + j)];
+    int which = 0;
+    while (j >= starts[which + 1]) ++which;
+    outs[which][j - starts[which]] = static_cast<T>(total);
+  }
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void euler_flow_forward_cpu(const scalar_t* x, const scalar_t* weight1, const scalar_t* bias1,
+                            const scalar_t* weight2, const scalar_t* bias2, scalar_t dt, Activation act,
+                            FlowSizes sizes, int num_threads, scalar_t* x_final, scalar_t* states,
+                            scalar_t* energy) {
+  switch (act) {
+    case Activation::kRelu:
+      return forward_impl<scalar_t, Activation::kRelu>(x, weight1, bias1, weight2, bias2, dt, sizes, num_threads,
+                                                       x_final, states, energy);
+    case Activation::kTanh:
+      return forward_impl<scalar_t, Activation::kTanh>(x, weight1, bias1, weight2, bias2, dt, sizes, num_threads,
+                                                       x_final, states, energy);
+    case Activation::kSoftplus:
+      return forward_impl<scalar_t, Activation::kSoftplus>(x, weight1, bias1, weight2, bias2, dt, sizes,
+                                                           num_threads, x_final, states, energy);
+  }
+  throw std::invalid_argument("unknown activation");
+}
+
+template <typename scalar_t>
+void euler_flow_backward_cpu(const scalar_t* grad_x_final, scalar_t grad_energy, const scalar_t* states,
+                             const scalar_t* weight1, const scalar_t* bias1, const scalar_t* weight2,
+                             const scalar_t* bias2, scalar_t dt, Activation act, FlowSizes sizes,
+                             int num_threads, scalar_t* grad_x, scalar_t* grad_weight1, scalar_t* grad_bias1,
+                             scalar_t* grad_weight2, scalar_t* grad_bias2) {
+  switch (act) {
+    case Activation::kRelu:
+      return backward_impl<scalar_t, Activation::kRelu>(grad_x_final, grad_energy, states, weight1, bias1, weight2,
+                                                        bias2, dt, sizes, num_threads, grad_x, grad_weight1,
+                                                        grad_bias1, grad_weight2, grad_bias2);
+    case Activation::kTanh:
+      return backward_impl<scalar_t, Activation::kTanh>(grad_x_final, grad_energy, states, weight1, bias1, weight2,
+                                                        bias2, dt, sizes, num_threads, grad_x, grad_weight1,
+                                                        grad_bias1, grad_weight2, grad_bias2);
+    case Activation::kSoftplus:
+      return backward_impl<scalar_t, Activation::kSoftplus>(grad_x_final, grad_energy, states, weight1, bias1,
+                                                            weight2, bias2, dt, sizes, num_threads, grad_x,
+                                                            grad_weight1, grad_bias1, grad_weight2, grad_bias2);
+  }
+  throw std::invalid_argument("unknown activation");
+}
+
+template void euler_flow_forward_cpu<float>(const float*, const float*, const float*, const float*, const float*,
+                                            float, Activation, FlowSizes, int, float*, float*, float*);
+template void euler_flow_forward_cpu<double>(const double*, const double*, const double*, const double*,
+                                             const double*, double, Activation, FlowSizes, int, double*, double*,
+                                             double*);
+template void euler_flow_backward_cpu<float>(const float*, float, const float*, const float*, const float*,
+                                             const float*, const float*, float, Activation, FlowSizes, int, float*,
+                                             float*, float*, float*, float*);
+template void euler_flow_backward_cpu<double>(const double*, double, const double*, const double*, const double*,
+                                              const double*, const double*, double, Activation, FlowSizes, int,
+                                              double*, double*, double*, double*, double*);
+
+}  // namespace fastlddmm
