@@ -3,9 +3,13 @@ for the residual Euler flow and exact Chamfer / Sinkhorn distances."""
 
 from . import ops, reference
 from ._backend import BackendUnavailableError, backends
+from .distances import chamfer, nearest, sinkhorn, sinkhorn_potentials, sinkhorn_projection
 from .flow import ResNetFlow
 from .registration import Registration, RegistrationDiverged, register
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "Registration", "RegistrationDiverged", "ResNetFlow", "register", "backends", "ops", "reference", "__version__"]
+__all__ = [
+    "BackendUnavailableError", "Registration", "RegistrationDiverged", "ResNetFlow", "__version__", "backends",
+    "chamfer", "nearest", "ops", "reference", "register", "sinkhorn", "sinkhorn_potentials", "sinkhorn_projection",
+]
