@@ -6,10 +6,11 @@ from ._backend import BackendUnavailableError, backends
 from .distances import chamfer, nearest, sinkhorn, sinkhorn_potentials, sinkhorn_projection
 from .flow import ResNetFlow
 from .registration import Registration, RegistrationDiverged, register
+from .shape_distances import shape_distances
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError", "Registration", "RegistrationDiverged", "ResNetFlow", "__version__", "backends",
-    "chamfer", "nearest", "ops", "reference", "register", "sinkhorn", "sinkhorn_potentials", "sinkhorn_projection",
+    "chamfer", "nearest", "ops", "reference", "register", "shape_distances", "sinkhorn", "sinkhorn_potentials", "sinkhorn_projection",
 ]
