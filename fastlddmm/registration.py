@@ -214,6 +214,7 @@ def register(
     checkpoint_every: int = 50,
     resume: bool = False,
     callback: Callable[[int, dict], None] | None = None,
+    deterministic: bool = False,
 ) -> Registration:
     """Registers ``source`` onto ``target`` with a ResNet-LDDMM flow.
 
@@ -235,6 +236,10 @@ def register(
         checkpoint: file to write a checkpoint to every ``checkpoint_every`` steps (atomically);
             with resume=True, optimisation continues from it when it exists.
         callback: called as callback(step, {"loss", "data", "energy"}) after each step.
+        deterministic: bitwise-reproducible runs (same seed, inputs, machine and thread count → same
+            result): turns on torch.use_deterministic_algorithms for the run, and on CUDA keeps
+            backend="auto" off the CUDA kernels, whose weight gradients are summed with atomics. On the
+            CPU the default run is already deterministic for a fixed number of threads.
 
     Raises:
         RegistrationDiverged: the loss or gradient became NaN/Inf; ``err.partial`` is the last finite state.
@@ -267,6 +272,12 @@ def register(
     if lr is None:
         lr = 5e-3 if optimizer == "adam" else 1.0
 
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be True or False, got {deterministic!r}")
+    if deterministic and backend == "auto" and device.type == "cuda":
+        from . import _backend
+
+        backend = "triton" if _backend.status("triton").available else "reference"
     src = source.to(device=device, dtype=dtype)
     tgt = target.to(device=device, dtype=dtype)
     check_pair(src, tgt, "source", "target")
@@ -331,6 +342,9 @@ def register(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, initial=start_step, desc=f"register ({data_term})", unit="step", leave=True)
+    restore_deterministic = torch.are_deterministic_algorithms_enabled()
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
     t0 = time.perf_counter()
     previous = None  # Adam: the parameters before the last update (small: L·H·D·2 numbers)
     try:
@@ -370,6 +384,7 @@ def register(
             err.partial.save(ckpt_path.with_name(ckpt_path.stem + ".partial.pt"))
         raise
     finally:
+        torch.use_deterministic_algorithms(restore_deterministic)
         if bar is not None:
             bar.close()
     result = snapshot()

@@ -78,7 +78,7 @@ def _fast_flow_backends():
     reason="fastlddmm._C is not built: pip install -e . with a C++ compiler builds it"))])
 @SETTINGS
 @given(st.integers(1, 3), st.integers(1, 17), st.integers(1, 40), st.integers(1, 3), st.integers(0, 2**31 - 1),
-       st.sampled_from(["contiguous", "transposed", "strided"]))
+       st.sampled_from(["contiguous", "transposed", "strided", "expanded"]))
 def test_fast_flow_equals_reference_on_random_shapes_and_strides(backend, layers, width, n, dim, seed, layout):
     g = torch.Generator().manual_seed(seed)
     params = [torch.randn(*s, generator=g, dtype=torch.float64) * 0.5
@@ -88,6 +88,8 @@ def test_fast_flow_equals_reference_on_random_shapes_and_strides(backend, layers
         x = base[:n].T.contiguous().T  # same values, column-major strides
     elif layout == "strided":
         x = base[::2]
+    elif layout == "expanded":
+        x = base[:1].expand(n, dim)  # stride 0 along the points
     else:
         x = base[:n]
     got, e_got = fl.ops.euler_flow(x, *params, 1.0 / layers, "tanh", backend=backend)
