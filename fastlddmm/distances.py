@@ -6,6 +6,8 @@ differentiable with respect to the points (and the Sinkhorn weights), except nea
 Backends (``backend=``):
   "reference"  dense PyTorch (fastlddmm.reference): the ground truth, memory O(N·M)
   "keops"      pykeops LazyTensor reductions, memory O(N + M) (``pip install 'fastlddmm[keops]'``)
+  "triton"     streaming Triton kernels (kernels/nearest.py, kernels/softmin.py), memory O(N + M):
+               CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (slow; for tests)
   "auto"       picks per device and size (see _auto_nearest / _auto_sinkhorn), falls back to the
                reference with no error; it may also use scipy's exact cKDTree for large CPU clouds
                in D <= 3, or a chunked dense search.
@@ -66,11 +68,17 @@ def _index_keops(x: Tensor, y: Tensor) -> Tensor:  # (N, D), (M, D) -> (N,)
     return nearest_index(x, y)
 
 
+def _index_triton(x: Tensor, y: Tensor) -> Tensor:  # (N, D), (M, D) -> (N,)
+    from .triton_ops.nearest import nearest_index
+
+    return nearest_index(x, y)
+
+
 # Named backends with a nearest-neighbour search.
-# Hook for a later Triton kernel: add "triton": <(x (N, D), y (M, D)) -> (N,) int64> here.
 _NEAREST_INDEX: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "reference": _index_reference,
     "keops": _index_keops,
+    "triton": _index_triton,
 }
 
 
@@ -100,8 +108,10 @@ def _auto_nearest(x: Tensor, y: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
         if _backend.status("keops").available:
             return _index_keops
         return _index_chunked
-    # GPU (not measured here, no GPU on the build machine): dense while small, KeOps beyond.
-    # A "triton" search would be tried first here.
+    # GPU (not measured here, no GPU on the build machine): the streaming Triton search (O(N + M)
+    # memory, no compilation step like KeOps'), else dense while small, KeOps beyond.
+    if x.device.type == "cuda" and _backend.status("triton").available:
+        return _index_triton
     if pairs <= 16 * _DENSE_MAX_PAIRS:
         return _index_reference
     if _backend.status("keops").available:
@@ -210,11 +220,15 @@ def _keops_sinkhorn():
     return importlib.import_module("fastlddmm.keops.sinkhorn")
 
 
+def _triton_sinkhorn():
+    return importlib.import_module("fastlddmm.triton_ops.sinkhorn")
+
+
 # Named backends with a Sinkhorn solver: module with sinkhorn / sinkhorn_potentials / sinkhorn_projection.
-# Hook for a later Triton soft-min: add "triton": <loader of such a module> here.
 _SINKHORN: dict[str, Callable[[], object]] = {
     "reference": lambda: _ref_sinkhorn,
     "keops": _keops_sinkhorn,
+    "triton": _triton_sinkhorn,
 }
 
 # Dense or KeOps: on a 2-core x86 CPU the dense logsumexp beat KeOps at every size where it fits
@@ -230,8 +244,12 @@ def _sinkhorn_solver(backend: str, x: Tensor, y: Tensor, op: str):
     if backend == "auto":
         batch = x.shape[0] if x.dim() == 3 else 1
         big = batch * max(x.shape[-2], y.shape[-2]) ** 2 > _SINKHORN_DENSE_MAX_PAIRS
-        # (A "triton" soft-min for CUDA tensors would be chosen here, before KeOps.)
-        backend = "keops" if big and _backend.status("keops").available else "reference"
+        # On CUDA tensors, the streaming Triton soft-min before KeOps (not timed: no GPU on the build
+        # machine).
+        if big and x.device.type == "cuda" and _backend.status("triton").available:
+            backend = "triton"
+        else:
+            backend = "keops" if big and _backend.status("keops").available else "reference"
         return _SINKHORN[backend]()
     _backend.require(backend, device=x.device)
     if backend not in _SINKHORN:
@@ -278,9 +296,10 @@ def sinkhorn(
     → 0 it tends to W_p^p / p. Gradients follow GeomLoss: through the converged dual potentials.
     Zero weights remove points (how to batch clouds of different sizes).
 
-    backend="auto" uses the dense reference up to B·max(N, M)² = 5000² cost entries, KeOps beyond
-    (the dense reference at any size when pykeops is missing: memory O(B·(N + M)²)). KeOps compiles
-    its formulas on first use and caches them in ``pykeops.get_build_folder()``.
+    backend="auto" uses the dense reference up to B·max(N, M)² = 5000² cost entries, beyond it the
+    streaming Triton kernels on CUDA tensors (when triton is installed), else KeOps (the dense
+    reference at any size when neither can run: memory O(B·(N + M)²)). KeOps compiles its formulas
+    on first use and caches them in ``pykeops.get_build_folder()``.
     """
     _check_sinkhorn_args(x, y, a, b, blur, p, scaling, reach, debias)
     solver = _sinkhorn_solver(backend, x, y, "sinkhorn")

@@ -1,7 +1,11 @@
 """Triton kernels, shipped as fastlddmm.kernels.
 
 euler_flow: fused forward and backward of the ResNet-LDDMM Euler flow (launchers ``forward`` and
-``backward``). They take CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was in the environment
+``backward``);
+softmin: streaming log-sum-exp soft-min over tiles of y (Sinkhorn), and the soft-max weighted sum of the
+barycentric projection, forward and backward, never forming the N×M cost matrix;
+nearest: streaming min / argmin (Chamfer, nearest neighbour).
+They take CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was in the environment
 before triton was imported (Triton's CPU interpreter: slow, for tests). Submodules import triton, so
 they are imported on demand, never from here.
 """

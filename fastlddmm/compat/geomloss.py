@@ -37,7 +37,7 @@ Backends (``backend=``), GeomLoss name -> fastlddmm:
                   ``truncate=None``, and the energy distance, which is never truncated); otherwise
                   (Sinkhorn's coarse-to-fine iterations on cluster centroids, kernel truncation)
                   an error: we do not reproduce that approximation.
-  fastlddmm's own names ("reference", "keops") are accepted too.
+  fastlddmm's own names ("reference", "keops", and "triton" for "sinkhorn") are accepted too.
 
 Not supported, each raising ``NotImplementedError`` that names the option (never a silent
 substitute): a custom ``cost`` (formula string or callable), a custom ``kernel``, ``cluster_scale``,
@@ -61,7 +61,8 @@ from ..distances import sinkhorn_potentials as _fl_sinkhorn_potentials
 LOSSES = ("sinkhorn", "hausdorff", "energy", "gaussian", "laplacian")
 KERNEL_LOSSES = ("energy", "gaussian", "laplacian")
 GEOMLOSS_BACKENDS = ("auto", "tensorized", "online", "multiscale")
-_BACKEND_MAP = {"auto": "auto", "tensorized": "reference", "online": "keops", "reference": "reference", "keops": "keops"}
+_BACKEND_MAP = {"auto": "auto", "tensorized": "reference", "online": "keops", "reference": "reference", "keops": "keops",
+                "triton": "triton"}  # triton: the streaming Sinkhorn kernels (CUDA, or TRITON_INTERPRET=1)
 
 # GeomLoss's floor on squared (scaled) distances under a square root ("tensorized" backend).
 SQDIST_FLOOR = 1e-8
@@ -228,7 +229,7 @@ class SamplesLoss(torch.nn.Module):
                 "backend, which fastlddmm does not reproduce; leave cluster_scale=None"
             )
         if backend not in _BACKEND_MAP and backend != "multiscale":
-            raise ValueError(f"backend must be one of {GEOMLOSS_BACKENDS} (or fastlddmm's 'reference', 'keops'), got {backend!r}")
+            raise ValueError(f"backend must be one of {GEOMLOSS_BACKENDS} (or fastlddmm's 'reference', 'keops', 'triton'), got {backend!r}")
         exact_multiscale = loss == "energy" or (loss in KERNEL_LOSSES and truncate is None)
         if backend == "multiscale" and not exact_multiscale:
             raise NotImplementedError(

@@ -65,13 +65,7 @@ def sinkhorn(
     debias: bool = True,
 ) -> Tensor:  # () or (B,)
     """KeOps twin of fastlddmm.reference.sinkhorn.sinkhorn (same loop, same conventions)."""
-    batched = x.dim() == 3
-    x, y, a, b = _ref.prepare(x, y, a, b)
-    eps, rho, f_aa, g_bb, g_ab, f_ba = _ref.solve(
-        functools.partial(softmin, p=p), _costs, x, y, a, b, blur, p, scaling, reach, debias
-    )
-    cost = _ref.sinkhorn_cost(eps, rho, a, b, f_aa, g_bb, g_ab, f_ba, debias)
-    return cost if batched else cost[0]
+    return _ref.divergence_with(functools.partial(softmin, p=p), _costs, x, y, a, b, blur, p, scaling, reach, debias)
 
 
 def sinkhorn_potentials(
@@ -86,13 +80,7 @@ def sinkhorn_potentials(
     debias: bool = True,
 ) -> tuple[Tensor, Tensor]:  # (N,) or (B, N), (M,) or (B, M)
     """KeOps twin of fastlddmm.reference.sinkhorn.sinkhorn_potentials."""
-    batched = x.dim() == 3
-    x, y, a, b = _ref.prepare(x, y, a, b)
-    _, _, f_aa, g_bb, g_ab, f_ba = _ref.solve(
-        functools.partial(softmin, p=p), _costs, x, y, a, b, blur, p, scaling, reach, debias
-    )
-    f, g = (f_ba - f_aa, g_ab - g_bb) if debias else (f_ba, g_ab)
-    return (f, g) if batched else (f[0], g[0])
+    return _ref.potentials_with(functools.partial(softmin, p=p), _costs, x, y, a, b, blur, p, scaling, reach, debias)
 
 
 def sinkhorn_projection(
@@ -107,12 +95,8 @@ def sinkhorn_projection(
 ) -> Tensor:  # (N, D) or (B, N, D)
     """KeOps twin of fastlddmm.reference.sinkhorn.sinkhorn_projection (a softmax-weighted sum)."""
     LazyTensor = lazy_tensor()
-    batched = x.dim() == 3
-    x, y, a, b = _ref.prepare(x, y, a, b)
-    eps, _, _, _, g_ab, _ = _ref.solve(
-        functools.partial(softmin, p=p), _costs, x, y, a, b, blur, p, scaling, reach, False
-    )
-    h = _ref.log_weights(b) + g_ab / eps  # (B, M)
+    x, y, eps, h, batched = _ref.projection_logits_with(
+        functools.partial(softmin, p=p), _costs, x, y, a, b, blur, p, scaling, reach)
     inv_eps = torch.tensor([1.0 / eps], dtype=x.dtype, device=x.device)
     out = []
     for k in range(x.shape[0]):

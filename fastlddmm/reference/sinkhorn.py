@@ -227,6 +227,36 @@ def _dense_costs(p: int):
     return lambda x, y: cost_matrix(x, y, p)
 
 
+def divergence_with(softmin, costs, x, y, a, b, blur, p, scaling, reach, debias) -> Tensor:  # () or (B,)
+    """The Sinkhorn divergence computed with a given soft-min (dense here, KeOps or Triton elsewhere):
+    one front-end for every backend, so they differ in the soft-min only."""
+    batched = x.dim() == 3
+    x, y, a, b = prepare(x, y, a, b)
+    eps, rho, f_aa, g_bb, g_ab, f_ba = solve(softmin, costs, x, y, a, b, blur, p, scaling, reach, debias)
+    cost = sinkhorn_cost(eps, rho, a, b, f_aa, g_bb, g_ab, f_ba, debias)
+    return cost if batched else cost[0]
+
+
+def potentials_with(softmin, costs, x, y, a, b, blur, p, scaling, reach, debias) -> tuple[Tensor, Tensor]:
+    """GeomLoss's ``potentials=True`` output with a given soft-min:
+    (f_ba - f_aa, g_ab - g_bb) when debias else (f_ba, g_ab)."""
+    batched = x.dim() == 3
+    x, y, a, b = prepare(x, y, a, b)
+    _, _, f_aa, g_bb, g_ab, f_ba = solve(softmin, costs, x, y, a, b, blur, p, scaling, reach, debias)
+    f, g = (f_ba - f_aa, g_ab - g_bb) if debias else (f_ba, g_ab)
+    return (f, g) if batched else (f[0], g[0])
+
+
+def projection_logits_with(softmin, costs, x, y, a, b, blur, p, scaling, reach):
+    """What every backend's barycentric projection needs: the batched (B, N, D) / (B, M, D) points,
+    eps, and h_j = log b_j + g_j / eps (differentiable through g), so that
+    T(x_i) = Σ_j softmax_j(h_j - C(x_i, y_j) / eps) y_j. Also returns whether the input was batched."""
+    batched = x.dim() == 3
+    x, y, a, b = prepare(x, y, a, b)
+    eps, _, _, _, g_ab, _ = solve(softmin, costs, x, y, a, b, blur, p, scaling, reach, False)
+    return x, y, eps, log_weights(b) + g_ab / eps, batched
+
+
 def sinkhorn(
     x: Tensor,  # (N, D) or (B, N, D)
     y: Tensor,  # (M, D) or (B, M, D)
@@ -239,13 +269,7 @@ def sinkhorn(
     debias: bool = True,
 ) -> Tensor:  # () or (B,)
     """PyTorch implementation of sinkhorn: GeomLoss's SamplesLoss("sinkhorn") with dense matrices."""
-    batched = x.dim() == 3
-    x, y, a, b = prepare(x, y, a, b)
-    eps, rho, f_aa, g_bb, g_ab, f_ba = solve(
-        softmin_dense, _dense_costs(p), x, y, a, b, blur, p, scaling, reach, debias
-    )
-    cost = sinkhorn_cost(eps, rho, a, b, f_aa, g_bb, g_ab, f_ba, debias)
-    return cost if batched else cost[0]
+    return divergence_with(softmin_dense, _dense_costs(p), x, y, a, b, blur, p, scaling, reach, debias)
 
 
 def sinkhorn_potentials(
@@ -259,13 +283,8 @@ def sinkhorn_potentials(
     reach: float | None = None,
     debias: bool = True,
 ) -> tuple[Tensor, Tensor]:  # (N,) or (B, N) on x, (M,) or (B, M) on y
-    """PyTorch implementation of sinkhorn_potentials: GeomLoss's ``potentials=True`` output,
-    (f_ba - f_aa, g_ab - g_bb) when debias else (f_ba, g_ab)."""
-    batched = x.dim() == 3
-    x, y, a, b = prepare(x, y, a, b)
-    _, _, f_aa, g_bb, g_ab, f_ba = solve(softmin_dense, _dense_costs(p), x, y, a, b, blur, p, scaling, reach, debias)
-    f, g = (f_ba - f_aa, g_ab - g_bb) if debias else (f_ba, g_ab)
-    return (f, g) if batched else (f[0], g[0])
+    """PyTorch implementation of sinkhorn_potentials: GeomLoss's ``potentials=True`` output."""
+    return potentials_with(softmin_dense, _dense_costs(p), x, y, a, b, blur, p, scaling, reach, debias)
 
 
 def sinkhorn_projection(
@@ -281,9 +300,7 @@ def sinkhorn_projection(
     """PyTorch implementation of sinkhorn_projection: the barycentric projection of the entropic
     plan of OT(a, b), T(x_i) = Σ_j π_ij y_j / Σ_j π_ij, with π_ij ∝ b_j exp((g_j - C(x_i, y_j)) / eps)
     (the potentials of the a<->b problem; debiasing does not change the plan)."""
-    batched = x.dim() == 3
-    x, y, a, b = prepare(x, y, a, b)
-    eps, _, _, _, g_ab, _ = solve(softmin_dense, _dense_costs(p), x, y, a, b, blur, p, scaling, reach, False)
-    logits = (log_weights(b) + g_ab / eps).unsqueeze(-2) - cost_matrix(x, y.detach(), p) / eps  # (B, N, M)
+    x, y, eps, h, batched = projection_logits_with(softmin_dense, _dense_costs(p), x, y, a, b, blur, p, scaling, reach)
+    logits = h.unsqueeze(-2) - cost_matrix(x, y.detach(), p) / eps  # (B, N, M)
     t = logits.softmax(-1) @ y
     return t if batched else t[0]
