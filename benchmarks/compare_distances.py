@@ -5,7 +5,8 @@ and Sinkhorn (reference, KeOps, GeomLoss tensorized / online), forward + backwar
     python benchmarks/compare_distances.py --chamfer 1e4 1e5 --sinkhorn 1e3 1e4 --dtype float32
 
 KeOps formulas are compiled once before timing (a warm-up call), so the figures are steady-state.
-Each figure is the best of --repeat runs. A method is skipped (shown as "-") when its package is
+Each figure is the median of --repeat runs after a warm-up (benchmarks/_measure.py; benchmarks/compare.py
+adds peak memory, plots and the other ops). A method is skipped (shown as "-") when its package is
 missing or when the dense (N, M) matrices would not fit in --max-dense-gib.
 """
 
@@ -15,13 +16,13 @@ import argparse
 import importlib
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import fastlddmm.distances as D  # noqa: E402
+from benchmarks._measure import median_seconds  # noqa: E402
 from fastlddmm import _backend  # noqa: E402
 
 
@@ -30,16 +31,6 @@ def clouds(n: int, m: int, dim: int, dtype, seed: int = 0):
     x = torch.randn(n, dim, generator=g, dtype=dtype)
     y = torch.randn(m, dim, generator=g, dtype=dtype) * 0.8 + 0.3
     return x, y
-
-
-def best_time(fn, repeat: int) -> float:
-    fn()  # warm-up: KeOps compilation, allocator
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def chamfer_methods():
@@ -117,7 +108,7 @@ def main() -> None:
             if name == "dense reference" and dense_gib(n, n, args.dim, itemsize, 3) > args.max_dense_gib:
                 rows.append(("chamfer", n, name, None))
                 continue
-            rows.append(("chamfer", n, name, best_time(lambda: fn(x, y), args.repeat)))
+            rows.append(("chamfer", n, name, median_seconds(lambda: fn(x, y), args.repeat)))
             print(f"  chamfer  N={n:>8}  {name:<18} {rows[-1][3]:.4f} s", flush=True)
     for n in map(int, args.sinkhorn):
         x, y = clouds(n, n, args.dim, dtype)
@@ -128,7 +119,7 @@ def main() -> None:
             if dense and dense_gib(n, n, 1, itemsize, 8) > args.max_dense_gib:
                 rows.append(("sinkhorn", n, name, None))
                 continue
-            rows.append(("sinkhorn", n, name, best_time(lambda: fn(x, y), args.repeat)))
+            rows.append(("sinkhorn", n, name, median_seconds(lambda: fn(x, y), args.repeat)))
             print(f"  sinkhorn N={n:>8}  {name:<18} {rows[-1][3]:.4f} s", flush=True)
 
     print("\n| op | N = M | method | forward + backward (s) |\n|---|---:|---|---:|")

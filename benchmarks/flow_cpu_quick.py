@@ -1,7 +1,8 @@
 """Quick side-by-side of the fused Euler flow on the CPU: compiled path ("cpu") vs the reference (eager
 autograd through fastlddmm.reference.flow). Forward and forward+backward wall time, and the peak extra
-resident memory of one forward+backward (each backend in its own subprocess, so the high-water marks do
-not mix).
+resident memory of forward+backward (each backend in its own subprocess, so the high-water marks do
+not mix). Measuring helpers: benchmarks/_measure.py; the full comparison (torch.compile, distances,
+plots): benchmarks/compare.py.
 
     python benchmarks/flow_cpu_quick.py [--points 200000] [--width 64] [--layers 10] [--dim 3] [--repeat 3]
 """
@@ -11,16 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
-import subprocess
 import sys
-import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from benchmarks import _measure  # noqa: E402
 
 
 def _worker(args) -> None:
@@ -44,20 +41,10 @@ def _worker(args) -> None:
         out, energy = euler_flow(x, *params, dt, "relu", backend=args.backend)
         return torch.autograd.grad(out.square().mean() + energy, params)
 
-    baseline = _rss_bytes()
-    fwd_bwd()  # warm-up; also sets the peak RSS of one forward+backward
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-
-    def timed(fn):
-        times = []
-        for _ in range(args.repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    print(json.dumps({"backend": args.backend, "forward_s": timed(fwd), "forward_backward_s": timed(fwd_bwd),
-                      "peak_extra_mib": peak / 2**20, "threads": torch.get_num_threads()}))
+    forward = _measure.measure(fwd, repeat=args.repeat)
+    both = _measure.measure(fwd_bwd, repeat=args.repeat)
+    print(json.dumps({"backend": args.backend, "forward_s": forward["time_s"], "forward_backward_s": both["time_s"],
+                      "peak_extra_mib": both["peak_extra_mib"], "threads": torch.get_num_threads()}))
 
 
 def main() -> None:
@@ -76,10 +63,11 @@ def main() -> None:
           f"{os.cpu_count()} CPU cores; median of {args.repeat}")
     rows = []
     for backend in ("reference", "cpu"):
-        cmd = [sys.executable, __file__, "--backend", backend] + [
-            f"--{k}={getattr(args, k)}" for k in ("points", "width", "layers", "dim", "repeat")]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        row = _measure.run_isolated([__file__, "--backend", backend] + [
+            f"--{k}={getattr(args, k)}" for k in ("points", "width", "layers", "dim", "repeat")])
+        if "error" in row:
+            raise SystemExit(f"backend {backend}: {row['error']}")
+        rows.append(row)
     print(f"{'backend':<10} {'forward':>10} {'fwd+bwd':>10} {'peak extra RSS':>15}")
     for r in rows:
         print(f"{r['backend']:<10} {r['forward_s']:>9.3f}s {r['forward_backward_s']:>9.3f}s "

@@ -479,8 +479,8 @@ def cmd_bench(args) -> int:
     with warnings.catch_warnings():  # keep the table readable (e.g. KeOps' compile notices)
         warnings.simplefilter("ignore")
         _bench_table(args, fast, device)
-    print("Full side-by-side comparisons (GeomLoss, pytorch3d, other sizes, GPU) live in the repository's "
-          "benchmarks/ folder (asv suite + comparison scripts).")
+    print("Full side-by-side comparison (eager and torch.compile, GeomLoss, scipy cKDTree, pykeops; other sizes; "
+          "GPU): `python benchmarks/compare.py [--quick]` in a source checkout (asv suite: benchmarks/bench_*.py).")
     return 0
 
 
