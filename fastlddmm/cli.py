@@ -4,7 +4,7 @@
     fastlddmm demo [-o OUTDIR]                               the built-in examples, end to end
     fastlddmm digits --train 5 --eval 5 7 -o OUTDIR          image registration on handwritten digits
     fastlddmm bench                                          quick timing of each backend vs the reference
-    fastlddmm batch MANIFEST.csv -o OUTDIR                   many pairs, one after the other (resumable)
+    fastlddmm batch MANIFEST.csv -o OUTDIR                   many pairs, in parallel on Ray (resumable)
     fastlddmm backends                                       which backends are usable here, and why not
 
 A user error (unreadable file, bad option value, existing output folder) prints one line,
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import math
 import os
@@ -162,11 +161,14 @@ def _have_matplotlib() -> bool:
 
 
 def run_pair(source_path, target_path, outdir: Path, *, options: dict, resume: bool = False, progress: bool = True,
-             log=None, edges=None, target_edges=None, name: str | None = None, pictures: bool = True) -> dict:
+             log=None, edges=None, target_edges=None, name: str | None = None, pictures: bool = True,
+             distributed: bool = False) -> dict | None:
     """Registers the files ``source_path`` -> ``target_path`` and writes every output into ``outdir``.
 
     Returns the summary (also written to outdir/summary.json). Raises UserError for bad inputs or
-    options, Failed when the registration diverges.
+    options, Failed when the registration diverges. With ``distributed`` (under torchrun, process group
+    initialised), every rank reads the files and registers its shard; rank 0 writes the outputs and
+    returns the summary, the other ranks return None.
     """
     import torch
 
@@ -194,10 +196,22 @@ def run_pair(source_path, target_path, outdir: Path, *, options: dict, resume: b
     log(f"[{label}] {source.shape[0]} source and {target.shape[0]} target points in {source.shape[1]}-D; "
         f"data term {opts['data_term']}, {opts['steps']} steps, width {opts['width']}, {opts['layers']} layers")
     checkpoint = outdir / "checkpoint.pt"
+    reg_source, reg_target, rank = source, target, 0
+    if distributed:
+        from fastlddmm import distributed as fld
+
+        rank = torch.distributed.get_rank()
+        try:
+            reg_source, reg_target = fld.shard(source), fld.shard(target)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        if opts["data_term"] == "l2" and source.shape[0] != target.shape[0]:
+            raise UserError(f"data term l2 needs one target point per source point, got {source.shape[0]} "
+                            f"and {target.shape[0]}")
     t0 = time.perf_counter()
     try:
         reg = fl.register(
-            source, target, data_term=opts["data_term"], sigma=opts["sigma"], width=opts["width"],
+            reg_source, reg_target, distributed=distributed, data_term=opts["data_term"], sigma=opts["sigma"], width=opts["width"],
             layers=opts["layers"], steps=opts["steps"], lr=opts["lr"], optimizer=opts["optimizer"],
             activation=opts["activation"], blur=opts["blur"], device=opts["device"], seed=opts["seed"],
             progress=progress, backend=opts["backend"], checkpoint=checkpoint,
@@ -210,6 +224,10 @@ def run_pair(source_path, target_path, outdir: Path, *, options: dict, resume: b
     except (ValueError, TypeError, fl.BackendUnavailableError) as err:
         raise UserError(_first_line(err)) from None
     seconds_registration = time.perf_counter() - t0
+    if rank != 0:  # rank 0 writes the outputs
+        return None
+    if distributed:  # the result knows only this rank's shard: give it the whole clouds for the pictures
+        reg.source, reg.target = source, target
 
     outputs = {}
     ext = source_path.suffix.lower()
@@ -269,6 +287,8 @@ def _options(args) -> dict:
 # -- subcommands --------------------------------------------------------------------------------------
 
 def cmd_register(args) -> int:
+    if args.distributed:
+        return _register_distributed(args)
     log = _Log(args.quiet)
     outdir = Path(args.output)
     _check_outdir(outdir, force=args.force, resume=args.resume)
@@ -278,6 +298,40 @@ def cmd_register(args) -> int:
                        progress=not args.quiet, log=log, pictures=not args.no_pictures)
     _print_summary(summary, outdir, quiet=args.quiet)
     return 0
+
+
+def _register_distributed(args) -> int:
+    """`register --distributed` on every rank of a torchrun job: the points are sharded over the ranks,
+    rank 0 reports and writes the outputs."""
+    import torch.distributed as dist
+
+    from fastlddmm import distributed as fld
+
+    if args.device is not None:
+        raise UserError("--distributed picks each rank's device itself (cuda:LOCAL_RANK with nccl when GPUs are "
+                        "visible, else the CPU with gloo): leave out --device")
+    try:
+        device = fld.init()
+    except (RuntimeError, ValueError) as err:
+        raise UserError(_first_line(err)) from None
+    try:
+        rank = dist.get_rank()
+        log = _Log(args.quiet or rank != 0)
+        outdir = Path(args.output)
+        # Every rank checks before any rank writes (else rank 1 could see rank 0's new files).
+        _check_outdir(outdir, force=args.force, resume=args.resume)
+        dist.barrier()
+        if args.resume and not (outdir / "checkpoint.pt").exists():
+            log(f"no checkpoint in {str(outdir)!r}: starting from the beginning")
+        log(f"{dist.get_world_size()} ranks ({dist.get_backend()}), this one on {device}")
+        options = {**_options(args), "device": str(device)}
+        summary = run_pair(args.source, args.target, outdir, options=options, resume=args.resume,
+                           progress=not args.quiet, log=log, pictures=not args.no_pictures, distributed=True)
+        if summary is not None:
+            _print_summary(summary, outdir, quiet=args.quiet)
+        return 0
+    finally:
+        dist.destroy_process_group()
 
 
 def _print_summary(summary: dict, outdir: Path, *, quiet: bool) -> None:
@@ -514,97 +568,67 @@ def _to_device(inputs, device):
     return tuple(t.to(device) for t in inputs)
 
 
-SUMMARY_COLUMNS = ("name", "status", "final_loss", "data", "energy", "min_jacobian_det", "folds", "seconds",
-                   "source", "target")
-
-
-def _read_manifest(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"cannot read manifest {str(path)!r}: no such file")
+def _gpu_share(text: str) -> float:
     try:
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            fields = [c.strip() for c in (reader.fieldnames or [])]
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise UserError(f"cannot read manifest {str(path)!r}: {_first_line(err)}") from None
-    if "source" not in fields or "target" not in fields:
-        raise UserError(f"manifest {str(path)!r} needs a header line with columns source,target[,name]; "
-                        f"got {','.join(fields) or 'nothing'}")
-    pairs, seen = [], set()
-    for number, row in enumerate(rows, start=2):
-        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-        if not row.get("source") or not row.get("target"):
-            raise UserError(f"manifest {str(path)!r} line {number}: empty source or target")
-        src, tgt = Path(row["source"]), Path(row["target"])
-        src = src if src.is_absolute() else path.parent / src
-        tgt = tgt if tgt.is_absolute() else path.parent / tgt
-        name = row.get("name") or src.stem
-        if any(c in name for c in "/\\") or name in (".", ".."):
-            raise UserError(f"manifest {str(path)!r} line {number}: name {name!r} must not contain a path")
-        base, k = name, 2
-        while name in seen:  # same stem twice: keep both
-            name, k = f"{base}-{k}", k + 1
-        seen.add(name)
-        pairs.append({"name": name, "source": src, "target": tgt})
-    if not pairs:
-        raise UserError(f"manifest {str(path)!r} lists no pairs")
-    return pairs
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GPUs between 0 and 1, got {text!r}") from None
+    if not 0 <= value <= 1:  # one registration uses one device; a fraction lets pairs share a GPU
+        raise argparse.ArgumentTypeError(f"expected a number of GPUs between 0 and 1, got {text!r}")
+    return value
+
+
+def _batch_engine(args, log) -> str:
+    """The engine that runs the pairs, "ray" or "local"; a usage error when Ray is asked for and missing."""
+    from fastlddmm import batch
+
+    if args.engine == "local":
+        if args.address:
+            raise UserError("--address is for the Ray engine (drop --engine local)")
+        if args.gpus_per_pair:
+            raise UserError("--gpus-per-pair is for the Ray engine; the local engine uses --device cuda")
+        return "local"
+    if batch.have_ray():
+        return "ray"
+    if args.engine == "ray" or args.address:
+        raise UserError(f"{'--engine ray' if args.engine == 'ray' else '--address'} needs Ray, which is not "
+                        f"installed here: {batch.RAY_HINT}")
+    log(f"Ray is not installed: registering the pairs one after the other ({batch.RAY_HINT} to run them in "
+        f"parallel)")
+    return "local"
 
 
 def cmd_batch(args) -> int:
-    from tqdm.auto import tqdm
+    from fastlddmm import batch
 
     log = _Log(args.quiet)
-    pairs = _read_manifest(Path(args.manifest))
+    pairs = batch.read_manifest(Path(args.manifest))
+    engine = _batch_engine(args, log)
+    options = _options(args)
+    on_cuda = str(options.get("device") or "cpu").startswith("cuda")
+    gpus = args.gpus_per_pair if args.gpus_per_pair is not None else (1.0 if on_cuda else 0.0)
+    if gpus and options.get("device") == "cpu":
+        raise UserError("--gpus-per-pair with --device cpu: drop one of them")
     outdir = Path(args.output)
     if outdir.exists() and not outdir.is_dir():
         raise UserError(f"output {str(outdir)!r} exists and is not a directory")
     outdir.mkdir(parents=True, exist_ok=True)
-    options = _options(args)
-    rows, failed = [], 0
-    bar = tqdm(pairs, desc="pairs", unit="pair", disable=args.quiet)
-    for pair in bar:
-        bar.set_postfix_str(pair["name"])
-        sub = outdir / pair["name"]
-        done = sub / "summary.json"
-        row = {"name": pair["name"], "source": str(pair["source"]), "target": str(pair["target"])}
-        if done.exists() and not args.force:
-            summary = json.loads(done.read_text(encoding="utf-8"))
-            row.update(_row(summary), status="done (earlier run)")
+    common = dict(options=options, force=args.force, pictures=not args.no_pictures, quiet=args.quiet)
+    try:
+        if engine == "ray":
+            rows = batch.run_ray(pairs, outdir, cpus_per_pair=args.cpus_per_pair or 1, gpus_per_pair=gpus,
+                                 address=args.address, log=log, **common)
         else:
-            try:
-                summary = run_pair(pair["source"], pair["target"], sub, options=options, resume=not args.force,
-                                   progress=False, name=pair["name"], pictures=not args.no_pictures)
-                row.update(_row(summary), status="ok")
-            except (UserError, Failed) as err:
-                failed += 1
-                row["status"] = f"error: {err}"
-                bar.write(f"fastlddmm: {pair['name']}: {err}", file=sys.stderr)
-        rows.append(row)
-        _write_summary_csv(outdir / "summary.csv", rows)
-    bar.close()
+            rows = batch.run_local(pairs, outdir, threads=args.cpus_per_pair, **common)
+    except KeyboardInterrupt:
+        sys.stderr.write("\nfastlddmm: run the same command again to continue: finished pairs are skipped, "
+                         "interrupted ones resume from their checkpoints\n")
+        raise
+    failed = sum(row["status"].startswith("error") for row in rows)
     log(f"{len(rows) - failed} of {len(rows)} pairs registered; table in {outdir / 'summary.csv'}")
     if not args.quiet:
         print(outdir / "summary.csv")
     return EXIT_FAILED if failed else 0
-
-
-def _row(summary: dict) -> dict:
-    f = summary.get("final", {})
-    return {"final_loss": f.get("loss"), "data": f.get("data"), "energy": f.get("energy"),
-            "min_jacobian_det": summary.get("min_jacobian_determinant"), "folds": summary.get("folds"),
-            "seconds": round(summary.get("seconds", {}).get("registration", float("nan")), 3)}
-
-
-def _write_summary_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in SUMMARY_COLUMNS})
-    os.replace(tmp, path)
 
 
 def cmd_backends(args) -> int:
@@ -670,6 +694,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUTDIR/checkpoint.pt")
     p.add_argument("--force", action="store_true", help="overwrite the results in an existing OUTDIR")
     p.add_argument("--no-pictures", action="store_true", help="skip flow.gif, losses.png and registration.png")
+    p.add_argument("--distributed", action="store_true",
+                   help="shard the points over the processes of a torchrun job (`torchrun --nproc-per-node P "
+                        "-m fastlddmm register ... --distributed`): exact data terms across shards, gloo on CPUs, "
+                        "nccl on GPUs; rank 0 writes the outputs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
     p.set_defaults(func=cmd_register)
 
@@ -711,12 +739,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("batch", help="register every pair of a CSV manifest (source,target[,name])",
                        description="Registers each row of MANIFEST.csv (columns source,target and optionally name; "
-                                   "relative paths are relative to the manifest) into OUTDIR/<name>/, one pair after "
+                                   "relative paths are relative to the manifest) into OUTDIR/<name>/, each pair a "
+                                   "Ray task when Ray is installed (pip install 'fastlddmm[ray]'), else one after "
                                    "the other. Pairs with results already in OUTDIR are skipped, interrupted ones "
-                                   "resume from their checkpoint. Writes OUTDIR/summary.csv.")
+                                   "resume from their checkpoint. Writes OUTDIR/summary.csv (name, status, "
+                                   "final_loss, data, energy, min_jacobian_det, folds, seconds, source, target).")
     p.add_argument("manifest", metavar="MANIFEST.csv")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
     _registration_options(p)
+    g = p.add_argument_group("scheduling")
+    g.add_argument("--engine", choices=("auto", "ray", "local"), default="auto",
+                   help="ray: one Ray task per pair, as many at once as there are resources; local: one pair "
+                        "after the other in this process; auto: ray when it is installed (default)")
+    g.add_argument("--address", default=None, metavar="ADDR",
+                   help="Ray cluster to run on, e.g. ray://head:10001 or head:6379 (default: $RAY_ADDRESS, else "
+                        "a Ray started on this machine for this run); OUTDIR and the inputs must be on a file "
+                        "system every node sees")
+    g.add_argument("--cpus-per-pair", type=_positive_int, default=None, metavar="K",
+                   help="CPU cores (torch threads) per pair (default: 1 on Ray, torch's default with the local "
+                        "engine)")
+    g.add_argument("--gpus-per-pair", type=_gpu_share, default=None, metavar="G",
+                   help="GPUs per pair on Ray: 1, or a fraction such as 0.5 to share one GPU between pairs "
+                        "(default: 1 with --device cuda, else 0); the pair runs on the GPU Ray assigns")
     p.add_argument("--force", action="store_true", help="redo pairs that already have results")
     p.add_argument("--no-pictures", action="store_true", help="skip the GIF and PNGs of each pair")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")

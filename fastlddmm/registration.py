@@ -215,6 +215,7 @@ def register(
     resume: bool = False,
     callback: Callable[[int, dict], None] | None = None,
     deterministic: bool = False,
+    distributed: bool = False,
 ) -> Registration:
     """Registers ``source`` onto ``target`` with a ResNet-LDDMM flow.
 
@@ -240,6 +241,10 @@ def register(
             result): turns on torch.use_deterministic_algorithms for the run, and on CUDA keeps
             backend="auto" off the CUDA kernels, whose weight gradients are summed with atomics. On the
             CPU the default run is already deterministic for a fixed number of threads.
+        distributed: point-sharded registration on torch.distributed (see fastlddmm.distributed): every
+            rank calls register() with its own shard of source and target (non-empty; for "l2" shards that
+            correspond), and all get the same flow, fitted to the whole clouds with exact data terms. Only
+            rank 0 shows progress and writes checkpoints; ``source``/``target`` of the result are None.
 
     Raises:
         RegistrationDiverged: the loss or gradient became NaN/Inf; ``err.partial`` is the last finite state.
@@ -274,6 +279,14 @@ def register(
 
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be True or False, got {deterministic!r}")
+    if not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be True or False, got {distributed!r}")
+    rank, world_size = 0, 1
+    if distributed:
+        from . import distributed as _dist
+
+        rank, world_size = _dist._require()
+        progress = progress and rank == 0
     if deterministic and backend == "auto" and device.type == "cuda":
         from . import _backend
 
@@ -281,17 +294,23 @@ def register(
     src = source.to(device=device, dtype=dtype)
     tgt = target.to(device=device, dtype=dtype)
     check_pair(src, tgt, "source", "target")
-    center, scale = _normalisation(src, tgt)
+    center, scale = _dist.normalisation(src, tgt) if distributed else _normalisation(src, tgt)
     src_n, tgt_n = (src - center) / scale, (tgt - center) / scale
+    # Points of the whole source cloud: the per-point means of the energy (and of "l2") are over all ranks.
+    source_total = sum(_dist.shard_sizes(src.shape[0], device=device)) if distributed else src.shape[0]
 
     config = dict(data_term=data_term, sigma=float(sigma), width=width, layers=layers, steps=steps, lr=float(lr),
                   optimizer=optimizer, activation=activation, blur=float(blur), seed=seed, backend=backend,
                   dim=int(src.shape[-1]), dtype=str(dtype).replace("torch.", ""))
+    if distributed:
+        config["world_size"] = world_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         flow = ResNetFlow(dim=src.shape[-1], width=width, layers=layers, activation=activation, backend=backend)
     flow = flow.to(device=device, dtype=dtype)
     params = list(flow.parameters())
+    if distributed:  # same seed gives the same start already; this makes it certain
+        _dist.broadcast_parameters(params)
     if optimizer == "adam":
         opt = torch.optim.Adam(params, lr=lr)
     else:
@@ -303,7 +322,7 @@ def register(
     if resume and ckpt_path is not None and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         saved = ckpt.get("config", {})
-        differ = {k for k in config if k != "steps" and saved.get(k) != config[k]}
+        differ = {k for k in config if k not in ("steps", "world_size") and saved.get(k) != config[k]}
         if differ:
             raise ValueError(f"cannot resume from {str(ckpt_path)!r}: it was made with other settings ({', '.join(sorted(differ))})")
         flow.load_state_dict(ckpt["flow"])
@@ -316,23 +335,34 @@ def register(
 
     def evaluate() -> Tensor:
         moved, energy = flow.forward_with_energy(src_n)
-        data = data_term_value(data_term, moved, tgt_n, blur=blur, backend=backend)
-        loss = weight * data + energy
-        last.update(loss=loss.detach(), data=data.detach(), energy=energy.detach())
-        return loss
+        if not distributed:
+            data = data_term_value(data_term, moved, tgt_n, blur=blur, backend=backend)
+            loss = weight * data + energy
+            last.update(loss=loss.detach(), data=data.detach(), energy=energy.detach())
+            return loss
+        # This rank's share of the objective: summed over ranks, its gradients give the whole gradient.
+        energy_share = energy * (src_n.shape[0] / source_total)
+        data_share, data = _dist.data_term(data_term, moved, tgt_n, blur=blur, backend=backend,
+                                           total=source_total)
+        energy = _dist.all_reduce_(energy_share.detach().clone())
+        last.update(loss=weight * data + energy, data=data, energy=energy)
+        return weight * data_share + energy_share
 
     def closure() -> Tensor:
         opt.zero_grad(set_to_none=True)
-        loss = evaluate()
-        loss.backward()
-        return loss
+        evaluate().backward()
+        if distributed:
+            _dist.all_reduce_gradients(params)
+        return last["loss"]  # the whole objective (L-BFGS's line search reads it)
 
     def snapshot() -> Registration:
+        if distributed:  # each rank held only a shard of the clouds
+            return Registration(flow, center.detach().cpu(), scale, config, history)
         return Registration(flow, center.detach().cpu(), scale, config, history, source.detach().cpu(),
                             target.detach().cpu())
 
     def save_checkpoint(step: int) -> None:
-        if ckpt_path is None:
+        if ckpt_path is None or rank != 0:
             return
         _atomic_torch_save({"config": config, "flow": flow.state_dict(), "optimizer": opt.state_dict(),
                             "history": history, "step": step}, ckpt_path)
@@ -380,7 +410,7 @@ def register(
             if (step + 1) % checkpoint_every == 0:
                 save_checkpoint(step + 1)
     except RegistrationDiverged as err:
-        if ckpt_path is not None:
+        if ckpt_path is not None and rank == 0:
             err.partial.save(ckpt_path.with_name(ckpt_path.stem + ".partial.pt"))
         raise
     finally:

@@ -236,7 +236,9 @@ def test_batch_registers_resumes_and_records_failures(tmp_path, capsys):
     manifest.write_text(f"source,target,name\n{src_file.name},{tgt_file.name},first\n"
                         f"{src_file},{tgt_file},\n{broken.name},{tgt_file.name},bad\n")
     out = tmp_path / "batch"
-    assert cli.main(["batch", str(manifest), "-o", str(out), "-q", "--no-pictures", *TINY]) == 1  # one pair failed
+    # the local engine (one pair after the other); the Ray engine is tested in test_batch.py
+    assert cli.main(["batch", str(manifest), "-o", str(out), "-q", "--no-pictures", "--engine", "local",
+                     *TINY]) == 1  # one pair failed
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [r["name"] for r in rows] == ["first", "src", "bad"]  # no name: the source's stem
     assert [r["status"] for r in rows[:2]] == ["ok", "ok"]
@@ -246,7 +248,7 @@ def test_batch_registers_resumes_and_records_failures(tmp_path, capsys):
     capsys.readouterr()
     # a second run skips the finished pairs
     stamp = (out / "first" / "summary.json").stat().st_mtime_ns
-    assert cli.main(["batch", str(manifest), "-o", str(out), "-q", "--no-pictures", *TINY]) == 1
+    assert cli.main(["batch", str(manifest), "-o", str(out), "-q", "--no-pictures", "--engine", "local", *TINY]) == 1
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert rows[0]["status"] == "done (earlier run)"
     assert (out / "first" / "summary.json").stat().st_mtime_ns == stamp

@@ -1,0 +1,371 @@
+"""Point-sharded distances and registration on torch.distributed (one huge cloud, several processes).
+
+Each rank holds a contiguous shard of the source cloud and one of the target cloud; the flow's
+parameters are replicated. The flow acts point by point, so its forward and backward passes are local
+and only the parameter gradients are summed across ranks (one all-reduce of L·(2·H·D + H + D) numbers
+per evaluation). The data terms are computed *exactly* across shards:
+
+* Chamfer: every rank finds, for all the query points (the shards gathered once per evaluation),
+  the nearest point of its own shard; a MIN all-reduce gives the global nearest distance, and a second
+  one (over rank numbers) names the rank that owns the minimum: only that rank lets the gradient
+  through, so it reaches the owner of the minimiser exactly as in the one-process computation.
+* Sinkhorn: every soft-min f_i = -ε log Σ_j exp(h_j - C(x_i, y_j)/ε) is a log-sum-exp over j; each
+  rank reduces over its own shard of j, then a MAX all-reduce and a SUM all-reduce of the shifted
+  exponentials combine the partials (log-sum-exp of log-sum-exps). The ε-scaling loop, debiasing,
+  ``reach`` and the taped last step are those of ``fastlddmm.reference.sinkhorn`` (same code), so the
+  result equals the one-process value up to rounding.
+
+The query side is replicated on every rank (O((N + M)·D) memory per rank: 1.2 GB for 10^8 points in
+3-D float32); the work per rank is O(N·M / P). See docs/scaling.md for what is sent per iteration.
+
+Usage (under ``torchrun --nproc-per-node P``)::
+
+    import fastlddmm as fl
+    from fastlddmm import distributed as fld
+    device = fld.init()                                   # gloo on CPU, nccl on GPUs
+    src, tgt = fld.shard(source).to(device), fld.shard(target).to(device)
+    reg = fl.register(src, tgt, data_term="sinkhorn", distributed=True)
+
+Every rank must call these functions together, with shards of the same clouds (non-empty ones).
+Gradients with respect to the Sinkhorn weights ``a``, ``b`` are not propagated across ranks.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ._validation import check_pair, check_points
+
+# The module, not the function fastlddmm.reference.sinkhorn that shadows it as a package attribute.
+_ref_sinkhorn = importlib.import_module("fastlddmm.reference.sinkhorn")
+
+
+# ------------------------------------------------------------------------------------------------
+# Process group helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def is_active() -> bool:
+    """True when torch.distributed is available and initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def _require(group=None) -> tuple[int, int]:
+    if not is_active():
+        raise RuntimeError(
+            "fastlddmm.distributed needs an initialised torch.distributed process group: start the script "
+            "with `torchrun --nproc-per-node P script.py` and call fastlddmm.distributed.init() (or "
+            "torch.distributed.init_process_group) first"
+        )
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def init(backend: str | None = None) -> torch.device:
+    """Initialises the default process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR,
+    ...) and returns this rank's device: cuda:LOCAL_RANK with the nccl backend when GPUs are visible,
+    else the CPU with gloo. Does nothing to an already initialised group."""
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise RuntimeError("fastlddmm.distributed.init() expects torchrun's environment (RANK, WORLD_SIZE, "
+                               "MASTER_ADDR, MASTER_PORT): start with `torchrun --nproc-per-node P ...`")
+        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"))
+    return device
+
+
+def shard_bounds(count: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of rank's contiguous block when ``count`` items are split over world_size ranks
+    (block sizes differ by at most one)."""
+    base, extra = divmod(count, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def shard(points: Tensor, *, group=None) -> Tensor:  # (N, ...) -> (n_rank, ...)
+    """This rank's contiguous block of ``points`` (a view). Shards of a source and its corresponding
+    target (data_term="l2") line up, since the split depends only on N and the number of ranks."""
+    rank, world = _require(group)
+    if points.shape[0] < world:
+        raise ValueError(f"cannot split {points.shape[0]} points over {world} ranks: every shard must be non-empty")
+    start, stop = shard_bounds(points.shape[0], rank, world)
+    return points[start:stop]
+
+
+def shard_sizes(count: int, *, device=None, group=None) -> list[int]:
+    """The number of points of every rank's shard (rank order); every rank gets the same list."""
+    _, world = _require(group)
+    local = torch.tensor([count], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(sizes, local, group=group)
+    return [int(s) for s in sizes]
+
+
+def all_reduce_(t: Tensor, op=dist.ReduceOp.SUM, group=None) -> Tensor:
+    """In-place all-reduce (a no-op outside a process group); returns ``t``."""
+    if is_active():
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+# ------------------------------------------------------------------------------------------------
+# Differentiable collectives
+# ------------------------------------------------------------------------------------------------
+
+
+class _AllGatherPoints(torch.autograd.Function):
+    """Concatenates every rank's shard (rank order). Backward: the gradient of the gathered cloud is
+    summed over ranks (each rank holds the share of it that flowed through its own reductions), and
+    each rank keeps the rows of its own shard."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, rank, group):  # x: (n_rank, D) -> (N, D)
+        width = max(sizes)
+        padded = x.new_zeros((width,) + tuple(x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        ctx.start = sum(sizes[:rank])
+        ctx.stop = ctx.start + sizes[rank]
+        ctx.group = group
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad):  # (N, D) -> (n_rank, D)
+        # all_reduce rather than reduce_scatter: gloo has no reduce_scatter, and shards may differ in size.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[ctx.start : ctx.stop], None, None, None
+
+
+def _gather(x: Tensor, group) -> tuple[Tensor, tuple[int, int]]:  # (n_rank, D) -> (N, D), [start, stop)
+    """The gathered cloud and the rows [start, stop) of this rank's shard in it."""
+    rank, _ = _require(group)
+    sizes = shard_sizes(x.shape[0], device=x.device, group=group)
+    if min(sizes) == 0:
+        raise ValueError(f"every rank needs a non-empty shard, got shard sizes {sizes}")
+    start = sum(sizes[:rank])
+    return _AllGatherPoints.apply(x, sizes, rank, group), (start, start + sizes[rank])
+
+
+def all_gather_points(x: Tensor, *, group=None) -> Tensor:  # (n_rank, D) -> (N, D)
+    """Every rank's shard, concatenated in rank order (differentiable: see _AllGatherPoints)."""
+    return _gather(x, group)[0]
+
+
+class _MinAcrossRanks(torch.autograd.Function):
+    """min over ranks of per-rank minima d_r (all ranks get it). The gradient goes to the lowest rank
+    that attains the minimum only (the one-process argmin's tie-break, with contiguous shards)."""
+
+    @staticmethod
+    def forward(ctx, d_local, rank, world, group):  # (K,) -> (K,)
+        d = d_local.clone()
+        dist.all_reduce(d, op=dist.ReduceOp.MIN, group=group)
+        # MIN returns one of the inputs bit for bit, so == finds the ranks that attain it.
+        owner = torch.where(d_local == d, rank, world).to(torch.int64)
+        dist.all_reduce(owner, op=dist.ReduceOp.MIN, group=group)
+        ctx.save_for_backward(owner == rank)
+        return d
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mine,) = ctx.saved_tensors
+        return grad * mine, None, None, None
+
+
+class _SoftminAcrossRanks(torch.autograd.Function):
+    """f = -ε log Σ_r exp(-f_r / ε): the soft-min over all j from per-rank soft-mins over their own j.
+    Backward: ∂f/∂f_r = exp((f - f_r) / ε), the share of rank r's points in the soft-min."""
+
+    @staticmethod
+    def forward(ctx, f_local, eps, group):  # (B, K) -> (B, K)
+        z = -f_local / eps
+        top = z.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        total = (z - top).exp()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        f = -eps * (top + total.log())
+        ctx.save_for_backward(f_local, f)
+        ctx.eps = eps
+        return f
+
+    @staticmethod
+    def backward(ctx, grad):
+        f_local, f = ctx.saved_tensors
+        return grad * ((f - f_local) / ctx.eps).exp(), None, None
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharded Chamfer
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_shards(x: Tensor, y: Tensor) -> None:
+    check_points(x, "x", allow_batch=False)
+    check_points(y, "y", allow_batch=False)
+    check_pair(x, y)
+
+
+def _nearest_sq_dist(query: Tensor, ref: Tensor, backend: str) -> Tensor:  # (K, D), (R, D) -> (K,)
+    """min_j |query_k - ref_j|², differentiable in both (through the found index)."""
+    from . import distances
+
+    find = distances._index_finder(backend, query.device, "chamfer") or distances._auto_nearest(query, ref)
+    return distances._gather_sq_dist(query, ref, find(query, ref))
+
+
+def chamfer(
+    x: Tensor,  # (n_rank, D) this rank's shard of x
+    y: Tensor,  # (m_rank, D) this rank's shard of y
+    *,
+    backend: str = "auto",
+    group=None,
+) -> Tensor:  # () the same value on every rank
+    """fl.chamfer of the whole clouds (every rank's shard together), from shards: mean_i min_j |x_i - y_j|²
+    + mean_j min_i |x_i - y_j|². Backward (called on every rank) gives each rank the exact gradient
+    with respect to its own shards. ``backend`` is the local nearest-neighbour search (as fl.nearest)."""
+    _check_shards(x, y)
+    rank, world = _require(group)
+    x_all = all_gather_points(x, group=group)  # (N, D) queries of the x -> y term
+    y_all = all_gather_points(y, group=group)  # (M, D) queries of the y -> x term
+    d_xy = _MinAcrossRanks.apply(_nearest_sq_dist(x_all, y, backend), rank, world, group)  # (N,)
+    d_yx = _MinAcrossRanks.apply(_nearest_sq_dist(y_all, x, backend), rank, world, group)  # (M,)
+    return d_xy.mean() + d_yx.mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharded Sinkhorn
+# ------------------------------------------------------------------------------------------------
+
+
+def _local_softmin(backend: str, query: Tensor, ref: Tensor, p: int):
+    """(softmin, costs) of the backend that runs this rank's part: the same pluggable pieces that
+    fl.sinkhorn's backends give the shared loop."""
+    from . import distances
+
+    module = distances._sinkhorn_solver(backend, query, ref, "sinkhorn")
+    if module is _ref_sinkhorn:
+        return _ref_sinkhorn.softmin_dense, _ref_sinkhorn._dense_costs(p)
+    return functools.partial(module.softmin, p=p), module._costs
+
+
+def _sharded_softmin(softmin, group, eps: float, cost, h: Tensor) -> Tensor:  # h: (1, total) -> (1, K)
+    """The loop's soft-min over every rank's points: this rank reduces over its own slice of h."""
+    local_cost, (start, stop) = cost
+    return _SoftminAcrossRanks.apply(softmin(eps, local_cost, h[:, start:stop]), eps, group)
+
+
+def _gathered_weights(w: Tensor | None, like: Tensor, total: int, group) -> Tensor:  # -> (1, total)
+    if w is None:
+        return like.new_full((1, total), 1.0 / total)
+    return all_gather_points(w.detach().reshape(-1, 1), group=group).reshape(1, -1)
+
+
+def sinkhorn(
+    x: Tensor,  # (n_rank, D) this rank's shard of x
+    y: Tensor,  # (m_rank, D) this rank's shard of y
+    *,
+    a: Tensor | None = None,  # (n_rank,) weights of this rank's x; None: uniform 1/N over all of x
+    b: Tensor | None = None,  # (m_rank,) weights of this rank's y; None: uniform 1/M
+    blur: float = 0.05,
+    p: int = 2,
+    scaling: float = 0.5,
+    reach: float | None = None,
+    debias: bool = True,
+    backend: str = "auto",
+    group=None,
+) -> Tensor:  # () the same value on every rank
+    """fl.sinkhorn of the whole clouds from shards (GeomLoss conventions, same loop). Every soft-min is
+    reduced over the local shard by ``backend`` (as fl.sinkhorn's), then combined across ranks."""
+    _check_shards(x, y)
+    from .distances import _check_sinkhorn_args
+
+    _check_sinkhorn_args(x, y, a, b, blur, p, scaling, reach, debias)
+    _require(group)
+    x_all, x_span = _gather(x, group)  # (N, D), this rank's rows in it
+    y_all, y_span = _gather(y, group)  # (M, D)
+    a_all = _gathered_weights(a, x, x_all.shape[0], group)  # (1, N)
+    b_all = _gathered_weights(b, y, y_all.shape[0], group)  # (1, M)
+    softmin, costs = _local_softmin(backend, x_all, y, p)
+    loop_softmin = functools.partial(_sharded_softmin, softmin, group)
+
+    eps, rho = blur**p, (None if reach is None else reach**p)
+    eps_list = _ref_sinkhorn.epsilon_schedule(p, _ref_sinkhorn.max_diameter(x_all, y_all), blur, scaling)
+    # Queries: the gathered clouds (differentiable); references: this rank's shard, detached as in GeomLoss.
+    xq, yq, xr, yr = x_all[None], y_all[None], x.detach()[None], y.detach()[None]
+    c_xy, c_yx = (costs(xq, yr), y_span), (costs(yq, xr), x_span)
+    c_xx = (costs(xq, xr), x_span) if debias else None
+    c_yy = (costs(yq, yr), y_span) if debias else None
+    f_aa, g_bb, g_ab, f_ba = _ref_sinkhorn.sinkhorn_loop(
+        loop_softmin, _ref_sinkhorn.log_weights(a_all), _ref_sinkhorn.log_weights(b_all),
+        c_xy, c_yx, c_xx, c_yy, eps_list, rho, debias)
+    return _ref_sinkhorn.sinkhorn_cost(eps, rho, a_all, b_all, f_aa, g_bb, g_ab, f_ba, debias)[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces of a sharded registration (used by fl.register(distributed=True))
+# ------------------------------------------------------------------------------------------------
+
+
+def normalisation(source: Tensor, target: Tensor, *, group=None) -> tuple[Tensor, float]:  # (n, D), (m, D)
+    """fl.register's normalisation of the whole clouds: joint centroid and radius, from shards."""
+    both = torch.cat([source, target], dim=0)
+    stats = torch.cat([both.sum(0), both.new_tensor([both.shape[0]])])
+    all_reduce_(stats, group=group)
+    center = stats[:-1] / stats[-1]
+    radius = (both - center).norm(dim=-1).max().reshape(1)
+    all_reduce_(radius, op=dist.ReduceOp.MAX, group=group)
+    scale = float(radius)
+    return center, (scale if scale > 0 else 1.0)
+
+
+def data_term(kind: str, moved: Tensor, target: Tensor, *, blur: float, backend: str, total: int,
+              group=None) -> tuple[Tensor, Tensor]:  # moved: (n_rank, D), target: (m_rank, D)
+    """(this rank's differentiable share, the global value) of fl.register's data term from shards:
+    summing the shares' gradients over ranks gives the gradient of the global value."""
+    if kind == "l2":
+        share = ((moved - target) ** 2).sum() / total  # total: number of source points, all ranks
+        value = share.detach().clone()
+        return share, all_reduce_(value, group=group)
+    if kind == "chamfer":
+        value = chamfer(moved, target, backend=backend, group=group)
+    else:
+        value = sinkhorn(moved, target, blur=blur, backend=backend, group=group)
+    # Every rank holds the whole value; its backward already routes to each rank its own share.
+    return value, value.detach()
+
+
+def all_reduce_gradients(params, *, group=None) -> None:
+    """Sums the parameters' gradients over ranks, in one flat all-reduce."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    all_reduce_(flat, group=group)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def broadcast_parameters(params, *, src: int = 0, group=None) -> None:
+    """Makes every rank start from rank ``src``'s parameters."""
+    for p in params:
+        with torch.no_grad():
+            dist.broadcast(p.data, src=src, group=group)
+
+
+__all__ = [
+    "all_gather_points", "all_reduce_gradients", "broadcast_parameters", "chamfer", "data_term", "init",
+    "is_active", "normalisation", "shard", "shard_bounds", "shard_sizes", "sinkhorn",
+]
