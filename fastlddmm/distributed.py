@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -64,6 +65,38 @@ def _require(group=None) -> tuple[int, int]:
             "torch.distributed.init_process_group) first"
         )
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _collective_device(group=None) -> torch.device:
+    """Where small bookkeeping tensors must live for this group's backend (nccl: the current GPU)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree(check: Callable[[], None], *, same: dict[str, int] | None = None, group=None) -> None:
+    """Runs the input check ``check`` on every rank and makes every rank fail if any rank's check fails,
+    or if the integers in ``same`` (point dimension, ...) differ between ranks: a bad shard on one rank
+    then raises everywhere instead of leaving the other ranks waiting in a collective for ever."""
+    rank, world = _require(group)
+    error: Exception | None = None
+    try:
+        check()
+    except (TypeError, ValueError) as err:
+        error = err
+    device = _collective_device(group)
+    names = list(same or {})
+    values = torch.tensor([same[k] for k in names], dtype=torch.int64, device=device)
+    state = torch.cat([torch.tensor([rank if error is not None else world], device=device), values, -values])
+    dist.all_reduce(state, op=dist.ReduceOp.MIN, group=group)  # first failing rank, min and -max of each value
+    if error is not None:
+        raise error
+    if int(state[0]) < world:
+        raise ValueError(f"rank {int(state[0])} rejected its input (its own error message says why)")
+    for k, name in enumerate(names):
+        low, high = int(state[1 + k]), -int(state[1 + len(names) + k])
+        if low != high:
+            raise ValueError(f"every rank must have the same {name}, got values from {low} to {high}")
 
 
 def init(backend: str | None = None) -> torch.device:
@@ -106,7 +139,7 @@ def shard(points: Tensor, *, group=None) -> Tensor:  # (N, ...) -> (n_rank, ...)
 def shard_sizes(count: int, *, device=None, group=None) -> list[int]:
     """The number of points of every rank's shard (rank order); every rank gets the same list."""
     _, world = _require(group)
-    local = torch.tensor([count], dtype=torch.int64, device=device)
+    local = torch.tensor([count], dtype=torch.int64, device=device if device is not None else _collective_device(group))
     sizes = [torch.zeros_like(local) for _ in range(world)]
     dist.all_gather(sizes, local, group=group)
     return [int(s) for s in sizes]
@@ -211,10 +244,19 @@ class _SoftminAcrossRanks(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_shards(x: Tensor, y: Tensor) -> None:
-    check_points(x, "x", allow_batch=False)
-    check_points(y, "y", allow_batch=False)
-    check_pair(x, y)
+def _check_shards(x: Tensor, y: Tensor, group, more: Callable[[], None] | None = None) -> None:
+    """The input checks of a sharded distance, agreed on by every rank (see agree)."""
+
+    def check() -> None:
+        check_points(x, "x", allow_batch=False)
+        check_points(y, "y", allow_batch=False)
+        check_pair(x, y)
+        if more is not None:
+            more()
+
+    described = isinstance(x, Tensor) and x.dim() > 0
+    agree(check, same={"point dimension": x.shape[-1] if described else -1,
+                       "dtype (1: float64)": int(described and x.dtype == torch.float64)}, group=group)
 
 
 def _nearest_sq_dist(query: Tensor, ref: Tensor, backend: str) -> Tensor:  # (K, D), (R, D) -> (K,)
@@ -235,7 +277,7 @@ def chamfer(
     """fl.chamfer of the whole clouds (every rank's shard together), from shards: mean_i min_j |x_i - y_j|²
     + mean_j min_i |x_i - y_j|². Backward (called on every rank) gives each rank the exact gradient
     with respect to its own shards. ``backend`` is the local nearest-neighbour search (as fl.nearest)."""
-    _check_shards(x, y)
+    _check_shards(x, y, group)
     rank, world = _require(group)
     x_all = all_gather_points(x, group=group)  # (N, D) queries of the x -> y term
     y_all = all_gather_points(y, group=group)  # (M, D) queries of the y -> x term
@@ -288,11 +330,9 @@ def sinkhorn(
 ) -> Tensor:  # () the same value on every rank
     """fl.sinkhorn of the whole clouds from shards (GeomLoss conventions, same loop). Every soft-min is
     reduced over the local shard by ``backend`` (as fl.sinkhorn's), then combined across ranks."""
-    _check_shards(x, y)
     from .distances import _check_sinkhorn_args
 
-    _check_sinkhorn_args(x, y, a, b, blur, p, scaling, reach, debias)
-    _require(group)
+    _check_shards(x, y, group, lambda: _check_sinkhorn_args(x, y, a, b, blur, p, scaling, reach, debias))
     x_all, x_span = _gather(x, group)  # (N, D), this rank's rows in it
     y_all, y_span = _gather(y, group)  # (M, D)
     a_all = _gathered_weights(a, x, x_all.shape[0], group)  # (1, N)

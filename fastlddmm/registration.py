@@ -253,38 +253,46 @@ def register(
         source = torch.from_numpy(source)
     if isinstance(target, np.ndarray):
         target = torch.from_numpy(target)
-    check_points(source, "source", allow_batch=False)
-    check_points(target, "target", allow_batch=False)
-    if source.shape[-1] != target.shape[-1]:
-        raise ValueError(f"source and target must have the same point dimension, got {source.shape[-1]} and {target.shape[-1]}")
-    check_choice(data_term, "data_term", DATA_TERMS)
-    check_choice(optimizer, "optimizer", OPTIMIZERS)
-    check_choice(activation, "activation", _ref_flow.ACTIVATIONS)
-    check_positive(sigma, "sigma")
-    check_positive(blur, "blur")
-    check_positive(width, "width", integer=True)
-    check_positive(layers, "layers", integer=True)
-    check_positive(steps, "steps", integer=True)
-    check_positive(checkpoint_every, "checkpoint_every", integer=True)
-    check_positive(lr, "lr", allow_none=True)
-    if data_term == "l2" and source.shape[0] != target.shape[0]:
-        raise ValueError(f"data_term='l2' needs one target point per source point, got {source.shape[0]} and {target.shape[0]}")
+    if not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be True or False, got {distributed!r}")
+
+    def validate() -> None:
+        check_points(source, "source", allow_batch=False)
+        check_points(target, "target", allow_batch=False)
+        if source.shape[-1] != target.shape[-1]:
+            raise ValueError(f"source and target must have the same point dimension, got {source.shape[-1]} and {target.shape[-1]}")
+        check_choice(data_term, "data_term", DATA_TERMS)
+        check_choice(optimizer, "optimizer", OPTIMIZERS)
+        check_choice(activation, "activation", _ref_flow.ACTIVATIONS)
+        check_positive(sigma, "sigma")
+        check_positive(blur, "blur")
+        check_positive(width, "width", integer=True)
+        check_positive(layers, "layers", integer=True)
+        check_positive(steps, "steps", integer=True)
+        check_positive(checkpoint_every, "checkpoint_every", integer=True)
+        check_positive(lr, "lr", allow_none=True)
+        if data_term == "l2" and source.shape[0] != target.shape[0]:
+            raise ValueError(f"data_term='l2' needs one target point per source point, got {source.shape[0]} and {target.shape[0]}")
+        if dtype not in (None, torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if not isinstance(deterministic, bool):
+            raise TypeError(f"deterministic must be True or False, got {deterministic!r}")
+
+    if distributed:  # a bad shard on one rank must not leave the others waiting in a collective
+        from . import distributed as _dist
+
+        described = isinstance(source, Tensor) and source.dim() > 0
+        _dist.agree(validate, same={"point dimension": source.shape[-1] if described else -1,
+                                    "dtype (1: float64)": int(described and source.dtype == torch.float64)})
+    else:
+        validate()
     if dtype is None:
         dtype = torch.float64 if source.dtype == torch.float64 else torch.float32
-    if dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     device = torch.device(device) if device is not None else source.device
     if lr is None:
         lr = 5e-3 if optimizer == "adam" else 1.0
-
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be True or False, got {deterministic!r}")
-    if not isinstance(distributed, bool):
-        raise TypeError(f"distributed must be True or False, got {distributed!r}")
     rank, world_size = 0, 1
     if distributed:
-        from . import distributed as _dist
-
         rank, world_size = _dist._require()
         progress = progress and rank == 0
     if deterministic and backend == "auto" and device.type == "cuda":

@@ -33,6 +33,23 @@ def registration_case(case: dict) -> dict:
             "center": reg.center, "scale": reg.scale}
 
 
+def error_case(case: dict) -> dict:
+    """Spoils rank 1's shard (NaN, or a different point dimension): every rank must raise, none hang."""
+    x, y = fld.shard(case["x"]).clone(), fld.shard(case["y"]).clone()
+    if dist.get_rank() == 1:
+        if case["spoil"] == "nan":
+            x[0, 0] = float("nan")
+        else:
+            x, y = x[:, :2], y[:, :2]
+    call = {"chamfer": lambda: fld.chamfer(x, y), "sinkhorn": lambda: fld.sinkhorn(x, y),
+            "register": lambda: fl.register(x, y, distributed=True, progress=False, steps=1, width=4, layers=1)}
+    try:
+        call[case["call"]]()
+    except ValueError as err:
+        return {"error": str(err)}
+    return {"error": None}
+
+
 def main() -> None:
     cases_file, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
     fld.init()
@@ -40,7 +57,8 @@ def main() -> None:
     results = {}
     for name, case in cases.items():  # an exception ends every rank (torchrun stops the others)
         print(f"rank {dist.get_rank()}: {name}", flush=True)
-        results[name] = registration_case(case) if case["kind"] == "register" else distance_case(case)
+        run = {"register": registration_case, "error": error_case}.get(case["kind"], distance_case)
+        results[name] = run(case)
     torch.save(results, out_dir / f"rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 

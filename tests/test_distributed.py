@@ -57,6 +57,11 @@ def _cases() -> dict:
     x, y = _clouds(21, 18, torch.float64, 7)
     cases["sinkhorn_f64_keops"] = dict(kind="sinkhorn", x=x, y=y, options=dict(blur=0.1, backend="keops"))
 
+    x, y = _clouds(12, 10, torch.float32, 10)
+    for call in ("chamfer", "sinkhorn", "register"):
+        for spoil in ("nan", "dimension"):
+            cases[f"error_{call}_{spoil}"] = dict(kind="error", call=call, spoil=spoil, x=x, y=y)
+
     src, tgt = _clouds(33, 27, torch.float64, 8)
     base = dict(width=16, layers=3, dtype=torch.float64, seed=3)
     cases["register_l2"] = dict(kind="register", source=src, target=src * 1.2 + 0.1,
@@ -76,7 +81,7 @@ def sharded(tmp_path_factory):
     torch.save(cases, tmp / "cases.pt")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
            str(WORKER), str(tmp / "cases.pt"), str(tmp)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, f"torchrun failed:\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
     results = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
@@ -98,7 +103,8 @@ def _one_process(case):
     return value.detach(), x.grad, y.grad
 
 
-DISTANCE_CASES = [name for name, case in _cases().items() if case["kind"] != "register"]
+DISTANCE_CASES = [name for name, case in _cases().items() if case["kind"] in ("chamfer", "sinkhorn")]
+ERROR_CASES = [name for name, case in _cases().items() if case["kind"] == "error"]
 REGISTER_CASES = [name for name, case in _cases().items() if case["kind"] == "register"]
 
 
@@ -141,6 +147,18 @@ def test_sharded_registration_equals_one_process(sharded, name):
     # The ranks are replicas: bitwise the same parameters.
     for key in reg.flow.state_dict():
         assert torch.equal(results[0][name]["flow"][key], results[1][name]["flow"][key])
+
+
+@pytest.mark.parametrize("name", ERROR_CASES)
+def test_a_bad_shard_on_one_rank_raises_on_every_rank(sharded, name):
+    """Rank 1 gets a NaN or a 2-D shard: both ranks raise a ValueError (the worker would hang otherwise)."""
+    _, results = sharded
+    errors = [results[r][name]["error"] for r in range(WORLD)]
+    if name.endswith("_nan"):
+        assert errors[0] is not None and "rank 1 rejected its input" in errors[0]
+        assert errors[1] is not None and "NaN" in errors[1]
+    else:
+        assert all(e is not None and "same point dimension" in e for e in errors), errors
 
 
 # -- one-process behaviour of the helpers ------------------------------------------------------------
