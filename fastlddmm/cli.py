@@ -1,6 +1,8 @@
 """The ``fastlddmm`` command line.
 
     fastlddmm register SOURCE TARGET -o OUTDIR [options]    register two point clouds / meshes
+    torchrun --nproc-per-node P -m fastlddmm register ... --distributed
+                                                             the same, points sharded over P processes
     fastlddmm demo [-o OUTDIR]                               the built-in examples, end to end
     fastlddmm digits --train 5 --eval 5 7 -o OUTDIR          image registration on handwritten digits
     fastlddmm bench                                          quick timing of each backend vs the reference
