@@ -5,7 +5,8 @@ Run under torchrun (CPU, gloo):
     torchrun --standalone --nproc-per-node 2 benchmarks/distributed_traffic.py [--points 20000] [--out FILE.md]
 
 Every torch.distributed collective is wrapped to count the bytes of the tensors handed to it (the payload;
-on the wire a ring all-reduce moves 2(P-1)/P times that per rank, an all-gather (P-1)/P of its output).
+on the wire a ring all-reduce moves 2(P-1)/P times that per rank, an all-gather (P-1)/P of its output, a
+reduce-scatter (P-1)/P of its input).
 One Adam step of fl.register(distributed=True) is measured per data term as the difference between a
 3-step and a 1-step run (so the one-off normalisation and parameter broadcast drop out); seconds per step are
 timed on steps 2-3, beside the same registration in one process (rank 0). Rank 0 writes the table.
@@ -33,6 +34,7 @@ from _measure import machine_info  # noqa: E402  (benchmarks/ is not a package o
 _ref = importlib.import_module("fastlddmm.reference.sinkhorn")
 
 COUNTS: Counter = Counter()
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
 
 
 def _count(name: str, fn, nbytes):
@@ -49,6 +51,8 @@ def _install_counters() -> None:
     dist.all_reduce = _count("all_reduce", dist.all_reduce, lambda t, *a, **k: tensor_bytes(t))
     dist.all_gather = _count("all_gather", dist.all_gather, lambda out, t, *a, **k: sum(map(tensor_bytes, out)))
     dist.broadcast = _count("broadcast", dist.broadcast, lambda t, *a, **k: tensor_bytes(t))
+    # fastlddmm.distributed holds its own reference to the reduce-scatter (its name changed in torch 2.13).
+    fld._reduce_scatter = _count("reduce_scatter", fld._reduce_scatter, lambda out, t, *a, **k: tensor_bytes(t))
 
 
 def _predicted(kind: str, n: int, m: int, d: int, n_params: int, rounds: int, world: int) -> int:
@@ -58,7 +62,7 @@ def _predicted(kind: str, n: int, m: int, d: int, n_params: int, rounds: int, wo
         return params + 2 * 4  # the gradient all-reduce, and the energy and data values
     pad = lambda count: world * -(-count // world)  # noqa: E731  all_gather pads shards to the largest
     gathers = 4 * d * (pad(n) + pad(m))
-    backward = 4 * d * n  # the gradient of the gathered moved source, summed over ranks
+    backward = 4 * d * pad(n)  # the gathered moved source's gradient, reduce-scattered (padded shards)
     if kind == "chamfer":
         return params + 4 + gathers + backward + (4 + 8) * (n + m)  # MIN of distances, MIN of owner ranks
     return params + 4 + gathers + backward + 2 * 4 * 2 * (n + m) * rounds  # MAX and SUM per soft-min
@@ -90,7 +94,7 @@ def main() -> None:
             reg = fl.register(src, tgt, steps=steps, distributed=True, **settings,
                               callback=lambda step, record: stamps.append(time.perf_counter()))
             measured[steps] = dict(COUNTS)
-        per_step = {k: (measured[3].get(k, 0) - measured[1].get(k, 0)) / 2 for k in ("all_reduce", "all_gather", "broadcast")}
+        per_step = {k: (measured[3].get(k, 0) - measured[1].get(k, 0)) / 2 for k in KINDS}
         seconds = (stamps[2] - stamps[0]) / 2  # steps 2 and 3: warm caches
         one_process = float("nan")
         if rank == 0:  # the same registration in this one process, for the speed-up
@@ -117,13 +121,13 @@ def main() -> None:
             f"Command: `torchrun --standalone --nproc-per-node {world} benchmarks/distributed_traffic.py "
             f"--points {args.points}`",
             "",
-            "| data term | measured bytes / step | predicted (docs/scaling.md) | all_reduce | all_gather | "
+            "| data term | measured bytes / step | predicted (docs/scaling.md) | all_reduce | all_gather | reduce_scatter | "
             f"Sinkhorn rounds | s / step, {world} ranks | s / step, 1 process |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for kind, total, predicted, per_step, seconds, one_process, rounds in rows:
             lines.append(f"| {kind} | {total:,.0f} | {predicted:,} | {per_step['all_reduce']:,.0f} | "
-                         f"{per_step['all_gather']:,.0f} | {rounds if kind == 'sinkhorn' else '-'} | {seconds:.3f} | "
+                         f"{per_step['all_gather']:,.0f} | {per_step['reduce_scatter']:,.0f} | {rounds if kind == 'sinkhorn' else '-'} | {seconds:.3f} | "
                          f"{one_process:.3f} |")
         lines += ["", "Each rank runs with the threads torchrun gives it (OMP_NUM_THREADS); the one-process run "
                   "uses rank 0's threads only, so the last two columns compare P ranks with one."]

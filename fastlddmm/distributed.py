@@ -157,6 +157,33 @@ def all_reduce_(t: Tensor, op=dist.ReduceOp.SUM, group=None) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
+# torch 2.13 renamed reduce_scatter_tensor to reduce_scatter_single (the old name warns).
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# Set when the process group's backend turned out to have no reduce-scatter (older gloo builds).
+_REDUCE_SCATTER_MISSING: set[str] = set()
+
+
+def _sum_and_scatter(grad: Tensor, sizes: list[int], rank: int, group) -> Tensor:  # (N, ...) -> (n_rank, ...)
+    """Σ over ranks of ``grad``, rows of this rank's shard only: a reduce-scatter over shards padded to
+    one width ((P-1)/P · N rows on the wire per rank), else an all-reduce (twice that)."""
+    backend = str(dist.get_backend(group))
+    if backend not in _REDUCE_SCATTER_MISSING:
+        width = max(sizes)
+        padded = grad.new_zeros((len(sizes) * width,) + tuple(grad.shape[1:]))
+        for r, part in enumerate(grad.split(sizes)):
+            padded[r * width : r * width + part.shape[0]] = part
+        mine = grad.new_empty((width,) + tuple(grad.shape[1:]))
+        try:
+            _reduce_scatter(mine, padded, op=dist.ReduceOp.SUM, group=group)
+            return mine[: sizes[rank]]
+        except (RuntimeError, NotImplementedError):  # the same on every rank: same backend and torch
+            _REDUCE_SCATTER_MISSING.add(backend)
+    total = grad.contiguous().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    start = sum(sizes[:rank])
+    return total[start : start + sizes[rank]]
+
+
 class _AllGatherPoints(torch.autograd.Function):
     """Concatenates every rank's shard (rank order). Backward: the gradient of the gathered cloud is
     summed over ranks (each rank holds the share of it that flowed through its own reductions), and
@@ -169,17 +196,12 @@ class _AllGatherPoints(torch.autograd.Function):
         padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded.contiguous(), group=group)
-        ctx.start = sum(sizes[:rank])
-        ctx.stop = ctx.start + sizes[rank]
-        ctx.group = group
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
         return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
     @staticmethod
     def backward(ctx, grad):  # (N, D) -> (n_rank, D)
-        # all_reduce rather than reduce_scatter: gloo has no reduce_scatter, and shards may differ in size.
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad[ctx.start : ctx.stop], None, None, None
+        return _sum_and_scatter(grad, ctx.sizes, ctx.rank, ctx.group), None, None, None
 
 
 def _gather(x: Tensor, group) -> tuple[Tensor, tuple[int, int]]:  # (n_rank, D) -> (N, D), [start, stop)

@@ -39,6 +39,7 @@ def _cases() -> dict:
     x[5] = y[3] + 1e-3  # an x whose nearest y is the tied pair
     x[30] = x[2]
     cases["chamfer_f64_ties"] = dict(kind="chamfer", x=x, y=y)
+    cases["chamfer_f64_ties_allreduce"] = dict(cases["chamfer_f64_ties"], no_reduce_scatter=True)
     x, y = _clouds(401, 303, torch.float32, 1)  # big enough for "auto" to use cKDTree on each shard
     cases["chamfer_f32_kdtree"] = dict(kind="chamfer", x=x, y=y)
     x, y = _clouds(23, 31, torch.float64, 2)
