@@ -117,13 +117,26 @@ class ResNetFlow(nn.Module):
             x = guess
         return x
 
-    def jacobian_determinant(self, x: Tensor) -> Tensor:  # (N, D) -> (N,)
-        """det Dφ_1(x_i) for each point, by autograd (D backward passes). > 0 everywhere: no fold."""
+    def jacobian_determinant(self, x: Tensor, *, chunk: int | None = None) -> Tensor:  # (..., D) -> (...)
+        """det Dφ_1(x_i) for each point, by autograd (D backward passes). > 0 everywhere: no fold.
+
+        Points go through in chunks of ``chunk`` (default: about 256 MB of stored activations, L·H numbers a
+        point), so that dense grids and clouds of millions of points fit in memory."""
         x = self._check_input(x)
+        if chunk is None:
+            chunk = max(1024, 2**26 // (self.layers * self.width))
+        elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+        flat = x.detach().reshape(-1, self.dim)
+        parts = [self._jacobian_determinant(flat[i : i + chunk]) for i in range(0, flat.shape[0], chunk)]
+        det = torch.cat(parts) if parts else flat.new_zeros(0)
+        return det.reshape(x.shape[:-1])
+
+    def _jacobian_determinant(self, x: Tensor) -> Tensor:  # (K, D) -> (K,)
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)
             y = _ref.euler_flow(xr, *self.params(), self.dt, self.activation)[0]
             rows = [torch.autograd.grad(y[..., k].sum(), xr, retain_graph=k + 1 < self.dim)[0]
                     for k in range(self.dim)]
-        jac = torch.stack(rows, dim=-2)  # (..., D, D): jac[..., k, :] = ∇ y_k
+        jac = torch.stack(rows, dim=-2)  # (K, D, D): jac[:, k, :] = ∇ y_k
         return torch.linalg.det(jac).detach()

@@ -39,6 +39,13 @@ def test_flow_inverse_and_jacobian():
     cols = [(flow(x + eps * e) - flow(x - eps * e)) / (2 * eps) for e in torch.eye(2, dtype=torch.float64)]
     fd = torch.linalg.det(torch.stack(cols, -1))
     torch.testing.assert_close(det, fd, rtol=1e-6, atol=1e-8)
+    # in chunks (7 does not divide 40), and with batch dimensions: the same numbers up to rounding (matrix
+    # products of other sizes), in the input's shape
+    torch.testing.assert_close(flow.jacobian_determinant(x, chunk=7), det, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(flow.jacobian_determinant(x.reshape(4, 10, 2), chunk=3), det.reshape(4, 10), rtol=1e-14, atol=1e-14)
+    assert flow.jacobian_determinant(x[:0]).shape == (0,)
+    with pytest.raises(ValueError, match="chunk"):
+        flow.jacobian_determinant(x, chunk=0)
 
 
 def test_flow_bad_inputs():
