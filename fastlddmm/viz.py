@@ -159,6 +159,25 @@ def _legend3d(ax, entries) -> None:
               frameon=False)
 
 
+# Points drawn at most per cloud: beyond, a fixed random subset is drawn (matplotlib takes seconds per
+# frame with millions of points, and a picture shows no more at this size).
+MAX_POINTS = 20_000
+
+
+def _subsample(n: int, max_points: int | None) -> np.ndarray | None:
+    """Sorted indices of a fixed random subset of max_points of n points, or None to draw them all."""
+    if max_points is None or n <= max_points:
+        return None
+    if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 1:
+        raise ValueError(f"max_points must be a positive integer or None, got {max_points!r}")
+    return np.sort(np.random.default_rng(0).choice(n, size=max_points, replace=False))
+
+
+def _shown(title: str | None, kept: int, n: int) -> str:
+    note = f"{kept:,} of {n:,} points shown"
+    return f"{title} ({note})" if title else note
+
+
 def _frames(traj: np.ndarray, inbetween: int) -> list[tuple[float, np.ndarray]]:
     """(t, points) for each frame: the L+1 states and ``inbetween`` linear steps between consecutive ones.
 
@@ -192,6 +211,7 @@ def animate_flow(
     size: float = 5.0,
     dpi: int = 90,
     view: tuple[float, float] = (18.0, -60.0),
+    max_points: int | None = MAX_POINTS,
 ) -> Path:
     """Writes an animated GIF of the flow: the moving shape going from the source (faint grey) to the
     target (faint red), with the time t = l/L in a corner.
@@ -204,6 +224,8 @@ def animate_flow(
         hold: extra copies of the last frame, so the result stays on screen before the loop restarts
             (GIF writers merge identical frames: the last frame shows ``hold + 1`` times longer).
         fps: frames per second.
+        max_points: clouds with more points are drawn as a fixed random subset of that many, without
+            their edges, and the title says so (None: draw everything).
 
     Returns: the path written. The GIF has L · (inbetween + 1) + 1 distinct frames.
     """
@@ -234,11 +256,19 @@ def animate_flow(
     path = Path(path)
     if path.suffix.lower() != ".gif":
         raise ValueError(f"path must end in .gif, got {str(path)!r}")
+    keep = _subsample(n, max_points)
+    note = None
+    if keep is not None:
+        note = _shown(None, len(keep), n)
+        traj, src, seg, n = traj[:, keep], src[keep], None, len(keep)
+    keep_target = None if tgt is None else _subsample(tgt.shape[0], max_points)
+    if keep_target is not None:
+        tgt, tseg = tgt[keep_target], None
 
     lo, hi = _limits([traj] + ([tgt] if tgt is not None else []))
     # a fixed layout: constrained layout would lay out (draw) every frame twice
     fig = Figure(figsize=(size, size), dpi=dpi)
-    fig.subplots_adjust(left=0.03, right=0.97, top=0.90 if title else 0.93, bottom=0.08)
+    fig.subplots_adjust(left=0.03, right=0.97, top=0.87 if note else 0.90 if title else 0.93, bottom=0.08)
     frames = _frames(traj, inbetween)
     layers = traj.shape[0] - 1
     if dim == 2:
@@ -262,6 +292,8 @@ def animate_flow(
     clock = fig.text(0.97, 0.975, "", ha="right", va="top", fontsize=10, family="monospace")
     if title:
         fig.text(0.03, 0.975, title, ha="left", va="top", fontsize=10)
+    if note:  # under the title line, which the clock shares
+        fig.text(0.03, 0.93, note, ha="left", va="top", fontsize=8, color="#555555")
 
     with _atomic(path) as tmp:
         writer = PillowWriter(fps=fps)
@@ -352,12 +384,15 @@ def plot_registration(
     view: tuple[float, float] = (18.0, -60.0),
     title: str | None = None,
     dpi: int = 110,
+    max_points: int | None = MAX_POINTS,
 ) -> Path:
     """Writes a static before / after PNG: source and target, then the warped source on the target.
 
     In 2-D the right panel also shows a regular grid carried by the transform (``grid`` lines each way),
     which makes the deformation, and any fold, visible. With ``jacobian``, the smallest Jacobian
-    determinant over the source points goes in the title (≤ 0 means the map folds there).
+    determinant over the source points goes in the title (≤ 0 means the map folds there). Clouds with
+    more than ``max_points`` points are drawn (and their determinant taken) on a fixed random subset of
+    that many, without edges, and the title says so (None: everything).
     """
     Figure = _matplotlib()
     if not all(hasattr(registration, a) for a in ("source", "target", "transform")):
@@ -365,10 +400,19 @@ def plot_registration(
     like = registration.source
     src = _check_cloud(registration.source, "registration.source")
     tgt = _check_cloud(registration.target, "registration.target", src.shape[1])
+    keep, keep_target = _subsample(src.shape[0], max_points), _subsample(tgt.shape[0], max_points)
+    if keep is not None:
+        title = _shown(title or "fastlddmm registration", len(keep), src.shape[0])
+        src, edges = src[keep], None
+        like = like[keep] if hasattr(like, "detach") else src
+    if keep_target is not None:
+        tgt, target_edges = tgt[keep_target], None
     warped = _check_cloud(_transform(registration, src, like), "warped source", src.shape[1])
     dim, n = src.shape[1], src.shape[0]
     seg = _edges(edges, n, "edges")
     tseg = seg if target_edges is None and seg is not None and tgt.shape[0] == n else _edges(target_edges, tgt.shape[0], "target_edges")
+    if keep_target is not None:  # a subset of the target has no edges (even if it happens to have n points)
+        tseg = None
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
         raise ValueError(f"grid must be an integer >= 2, got {grid!r}")
     min_det = None

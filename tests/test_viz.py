@@ -128,3 +128,44 @@ def test_deformed_grid_is_the_transform_of_the_grid():
 def test_plot_registration_needs_a_registration(tmp_path):
     with pytest.raises(TypeError, match="Registration"):
         viz.plot_registration(object(), tmp_path / "r.png")
+
+
+def test_subsample_is_a_fixed_sorted_subset_and_only_beyond_the_limit():
+    assert viz._subsample(100, 100) is None and viz._subsample(100, None) is None
+    keep = viz._subsample(1000, 37)
+    assert len(keep) == 37 and len(set(keep.tolist())) == 37 and (np.diff(keep) > 0).all() and keep.max() < 1000
+    np.testing.assert_array_equal(keep, viz._subsample(1000, 37))  # the same picture on every run
+    with pytest.raises(ValueError, match="max_points"):
+        viz._subsample(1000, 0)
+
+
+class _RecordingRegistration(_StubRegistration):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.det_points = self.transformed = 0
+
+    def transform(self, points):
+        self.transformed += len(points)
+        return super().transform(points)
+
+    def jacobian_determinant(self, points):
+        self.det_points += len(points)
+        return super().jacobian_determinant(points)
+
+
+def test_big_clouds_are_drawn_as_a_subset(tmp_path):
+    """3-D clouds of 3000 points with max_points=200: only 200 are transformed and checked for folds, the
+    title says so, and the GIF is made from the subset too."""
+    rng = np.random.default_rng(0)
+    src, tgt = rng.normal(size=(3000, 3)), rng.normal(size=(2500, 3))
+    reg = _RecordingRegistration(src, tgt, np.diag([1.2, 1.0, 0.9]))
+    viz.plot_registration(reg, tmp_path / "reg.png", max_points=200, dpi=40)
+    assert reg.transformed == 200 and reg.det_points == 200
+    full = _RecordingRegistration(src, tgt, np.diag([1.2, 1.0, 0.9]))
+    viz.plot_registration(full, tmp_path / "full.png", max_points=None, dpi=40)
+    assert full.transformed == 3000 and full.det_points == 3000
+    traj = np.stack([src * (1 + 0.1 * l) for l in range(3)])
+    path = viz.animate_flow(traj, src, tgt, tmp_path / "flow.gif", inbetween=0, hold=0, size=2.0, dpi=40,
+                            max_points=200)
+    frames, _ = _frames(path)
+    assert len(frames) == 3
