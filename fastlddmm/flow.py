@@ -81,10 +81,28 @@ class ResNetFlow(nn.Module):
         """The kinetic-energy term ½ Σ_l Δ · mean_i |v_l(x_i^l)|² along the flow of x."""
         return self.forward_with_energy(x)[1]
 
-    def trajectory(self, x: Tensor) -> Tensor:  # (..., D) -> (layers + 1, ..., D)
-        """x at every time l/L, l = 0 .. L."""
+    def _chunk(self, chunk: int | None, numbers_per_point: int) -> int:
+        """Points per chunk: ``chunk``, or about 256 MB of float32 temporaries (2^26 numbers)."""
+        if chunk is None:
+            return max(1024, 2**26 // numbers_per_point)
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+        return chunk
+
+    def _by_chunks(self, fn, x: Tensor, chunk: int, leading: int = 0) -> Tensor:
+        """fn over blocks of ``chunk`` points of x (..., D), glued back: fn maps (K, D) to
+        (*leading dims, K, ...) and the result has x's batch shape in place of K."""
+        flat = x.reshape(-1, self.dim)
+        parts = [fn(flat[i : i + chunk]) for i in range(0, flat.shape[0], chunk)] or [fn(flat)]
+        out = torch.cat(parts, dim=leading)
+        return out.reshape(out.shape[:leading] + x.shape[:-1] + out.shape[leading + 1 :])
+
+    def trajectory(self, x: Tensor, *, chunk: int | None = None) -> Tensor:  # (..., D) -> (layers + 1, ..., D)
+        """x at every time l/L, l = 0 .. L. Points go through in chunks of ``chunk`` (default: about 256 MB
+        of hidden activations, H numbers a point)."""
         x = self._check_input(x)
-        return _ref.trajectory(x, *self.params(), self.dt, self.activation)
+        run = lambda part: _ref.trajectory(part, *self.params(), self.dt, self.activation)  # noqa: E731
+        return self._by_chunks(run, x, self._chunk(chunk, self.width), leading=1)
 
     def velocity(self, x: Tensor, layer: int) -> Tensor:  # (..., D) -> (..., D)
         """v_layer(x), the velocity of block ``layer``."""
@@ -92,17 +110,22 @@ class ResNetFlow(nn.Module):
                              self.bias2[layer], self.activation)
 
     @torch.no_grad()
-    def inverse(self, y: Tensor, *, iterations: int = 50, tol: float | None = None) -> Tensor:
+    def inverse(self, y: Tensor, *, iterations: int = 50, tol: float | None = None,
+                chunk: int | None = None) -> Tensor:  # (..., D) -> (..., D)
         """φ_1^{-1}(y): the Euler steps run backwards, each inverted by a fixed-point solve.
 
         Step l maps x to y = x + Δ v_l(x); its inverse solves x = y - Δ v_l(x) by the iteration
         x ← y - Δ v_l(x), a contraction when Δ·Lip(v_l) < 1 (the regime in which the step is invertible).
+        Points go through in chunks of ``chunk`` (default: about 256 MB of hidden activations).
         """
         y = self._check_input(y)
         if tol is None:
             tol = 1e-6 if y.dtype == torch.float32 else 1e-12
         if y.numel() == 0:
             return y.clone()
+        return self._by_chunks(lambda part: self._inverse(part, iterations, tol), y, self._chunk(chunk, self.width))
+
+    def _inverse(self, y: Tensor, iterations: int, tol: float) -> Tensor:  # (K, D) -> (K, D)
         x = y
         for layer in reversed(range(self.layers)):
             target = x
@@ -123,14 +146,8 @@ class ResNetFlow(nn.Module):
         Points go through in chunks of ``chunk`` (default: about 256 MB of stored activations, L·H numbers a
         point), so that dense grids and clouds of millions of points fit in memory."""
         x = self._check_input(x)
-        if chunk is None:
-            chunk = max(1024, 2**26 // (self.layers * self.width))
-        elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
-        flat = x.detach().reshape(-1, self.dim)
-        parts = [self._jacobian_determinant(flat[i : i + chunk]) for i in range(0, flat.shape[0], chunk)]
-        det = torch.cat(parts) if parts else flat.new_zeros(0)
-        return det.reshape(x.shape[:-1])
+        chunk = self._chunk(chunk, self.layers * self.width)
+        return self._by_chunks(self._jacobian_determinant, x.detach(), chunk)
 
     def _jacobian_determinant(self, x: Tensor) -> Tensor:  # (K, D) -> (K,)
         with torch.enable_grad():

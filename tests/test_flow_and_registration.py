@@ -44,6 +44,14 @@ def test_flow_inverse_and_jacobian():
     torch.testing.assert_close(flow.jacobian_determinant(x, chunk=7), det, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(flow.jacobian_determinant(x.reshape(4, 10, 2), chunk=3), det.reshape(4, 10), rtol=1e-14, atol=1e-14)
     assert flow.jacobian_determinant(x[:0]).shape == (0,)
+    # trajectory and inverse in chunks too (both keep the input's batch shape)
+    traj = flow.trajectory(x)
+    torch.testing.assert_close(flow.trajectory(x.reshape(4, 10, 2), chunk=7), traj.reshape(6, 4, 10, 2),
+                               rtol=1e-14, atol=1e-14)
+    y = flow(x)
+    torch.testing.assert_close(flow.inverse(y.reshape(5, 8, 2), chunk=3), flow.inverse(y).reshape(5, 8, 2),
+                               rtol=0, atol=1e-11)
+    assert flow.trajectory(x[:0]).shape == (6, 0, 2)
     with pytest.raises(ValueError, match="chunk"):
         flow.jacobian_determinant(x, chunk=0)
 
