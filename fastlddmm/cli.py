@@ -773,6 +773,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_unsharded_torchrun(args) -> None:
+    """Under torchrun with several processes, only `register --distributed` shares the work: any other
+    command would run once per process, all writing the same files."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return
+    if world > 1 and not getattr(args, "distributed", False):
+        what = "add --distributed to share one registration between them" if args.func is cmd_register else \
+            "only `register --distributed` runs across processes"
+        raise UserError(f"started as one of {world} processes (WORLD_SIZE={world}, torchrun?): {what}, "
+                        f"or run without torchrun")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status (0 ok, 1 failed, 2 usage error, 130 interrupted)."""
     try:
@@ -781,6 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, --version, or a usage error already printed
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else EXIT_USAGE)
     try:
+        _refuse_unsharded_torchrun(args)
         return args.func(args)
     except KeyboardInterrupt:
         sys.stderr.write("\nfastlddmm: interrupted" + (" (rerun with --resume to continue)"

@@ -221,3 +221,17 @@ def test_cli_register_distributed_outside_torchrun_is_a_usage_error(tmp_path, ca
     np.save(src, torch.rand(10, 3).numpy())
     assert main(["register", str(src), str(src), "-o", str(tmp_path / "out"), "--distributed", "-q"]) == 2
     assert "torchrun" in capsys.readouterr().err
+
+
+def test_cli_under_torchrun_without_distributed_is_refused(tmp_path, capsys, monkeypatch):
+    """P processes each running a whole registration into the same folder would clobber each other's files."""
+    from fastlddmm.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    src = tmp_path / "src.npy"
+    np.save(src, torch.rand(10, 3).numpy())
+    assert main(["register", str(src), str(src), "-o", str(tmp_path / "out"), "-q"]) == 2
+    assert "--distributed" in capsys.readouterr().err
+    assert main(["demo", "-o", str(tmp_path / "demo")]) == 2
+    assert "only `register --distributed`" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "demo").exists()
