@@ -61,10 +61,10 @@ def _predicted(kind: str, n: int, m: int, d: int, n_params: int, rounds: int, wo
     if kind == "l2":
         return params + 2 * 4  # the gradient all-reduce, and the energy and data values
     pad = lambda count: world * -(-count // world)  # noqa: E731  all_gather pads shards to the largest
-    gathers = 4 * d * (pad(n) + pad(m))
+    gathers = 4 * d * pad(n)  # the moved source; the target is gathered once per registration
     backward = 4 * d * pad(n)  # the gathered moved source's gradient, reduce-scattered (padded shards)
     if kind == "chamfer":
-        return params + 4 + gathers + backward + (4 + 8) * (n + m)  # MIN of distances, MIN of owner ranks
+        return params + 4 + gathers + backward + (4 + 4) * (n + m)  # MIN of distances, MIN of owner ranks
     return params + 4 + gathers + backward + 2 * 4 * 2 * (n + m) * rounds  # MAX and SUM per soft-min
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -219,6 +219,33 @@ def all_gather_points(x: Tensor, *, group=None) -> Tensor:  # (n_rank, D) -> (N,
     return _gather(x, group)[0]
 
 
+class GatheredCloud(NamedTuple):
+    """This rank's shard of a cloud with the whole cloud already gathered (see gather_cloud)."""
+
+    shard: Tensor  # (m_rank, D)
+    full: Tensor  # (M, D), every rank's shard in rank order
+    span: tuple[int, int]  # rows [start, stop) of shard in full
+
+
+def gather_cloud(y: Tensor, *, group=None) -> GatheredCloud:  # (m_rank, D)
+    """Gathers a cloud that stays the same over many calls (a registration's target) once, so that
+    chamfer / sinkhorn do not send it again at every call. Detached: no gradient reaches it."""
+    check_points(y, "y", allow_batch=False)
+    full, span = _gather(y.detach(), group)
+    return GatheredCloud(y.detach(), full, span)
+
+
+def _shard_of(y: Tensor | GatheredCloud) -> Tensor:
+    return y.shard if isinstance(y, GatheredCloud) else y
+
+
+def _gathered(y: Tensor | GatheredCloud, group) -> GatheredCloud:
+    if isinstance(y, GatheredCloud):
+        return y
+    full, span = _gather(y, group)
+    return GatheredCloud(y, full, span)
+
+
 class _MinAcrossRanks(torch.autograd.Function):
     """min over ranks of per-rank minima d_r (all ranks get it). The gradient goes to the lowest rank
     that attains the minimum only (the one-process argmin's tie-break, with contiguous shards)."""
@@ -228,7 +255,7 @@ class _MinAcrossRanks(torch.autograd.Function):
         d = d_local.clone()
         dist.all_reduce(d, op=dist.ReduceOp.MIN, group=group)
         # MIN returns one of the inputs bit for bit, so == finds the ranks that attain it.
-        owner = torch.where(d_local == d, rank, world).to(torch.int64)
+        owner = torch.where(d_local == d, rank, world).to(torch.int32)
         dist.all_reduce(owner, op=dist.ReduceOp.MIN, group=group)
         ctx.save_for_backward(owner == rank)
         return d
@@ -266,8 +293,10 @@ class _SoftminAcrossRanks(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_shards(x: Tensor, y: Tensor, group, more: Callable[[], None] | None = None) -> None:
+def _check_shards(x: Tensor, y: Tensor | GatheredCloud, group, more: Callable[[], None] | None = None) -> None:
     """The input checks of a sharded distance, agreed on by every rank (see agree)."""
+    pre_gathered = isinstance(y, GatheredCloud)
+    y = _shard_of(y)
 
     def check() -> None:
         check_points(x, "x", allow_batch=False)
@@ -277,8 +306,10 @@ def _check_shards(x: Tensor, y: Tensor, group, more: Callable[[], None] | None =
             more()
 
     described = isinstance(x, Tensor) and x.dim() > 0
+    # A gathered y on some ranks and not on others would pair different collectives: refuse it.
     agree(check, same={"point dimension": x.shape[-1] if described else -1,
-                       "dtype (1: float64)": int(described and x.dtype == torch.float64)}, group=group)
+                       "dtype (1: float64)": int(described and x.dtype == torch.float64),
+                       "kind of y (1: GatheredCloud)": int(pre_gathered)}, group=group)
 
 
 def _nearest_sq_dist(query: Tensor, ref: Tensor, backend: str) -> Tensor:  # (K, D), (R, D) -> (K,)
@@ -291,7 +322,7 @@ def _nearest_sq_dist(query: Tensor, ref: Tensor, backend: str) -> Tensor:  # (K,
 
 def chamfer(
     x: Tensor,  # (n_rank, D) this rank's shard of x
-    y: Tensor,  # (m_rank, D) this rank's shard of y
+    y: Tensor | GatheredCloud,  # (m_rank, D) this rank's shard of y, or gather_cloud(it)
     *,
     backend: str = "auto",
     group=None,
@@ -302,7 +333,7 @@ def chamfer(
     _check_shards(x, y, group)
     rank, world = _require(group)
     x_all = all_gather_points(x, group=group)  # (N, D) queries of the x -> y term
-    y_all = all_gather_points(y, group=group)  # (M, D) queries of the y -> x term
+    y, y_all, _ = _gathered(y, group)  # (M, D) queries of the y -> x term
     d_xy = _MinAcrossRanks.apply(_nearest_sq_dist(x_all, y, backend), rank, world, group)  # (N,)
     d_yx = _MinAcrossRanks.apply(_nearest_sq_dist(y_all, x, backend), rank, world, group)  # (M,)
     return d_xy.mean() + d_yx.mean()
@@ -338,7 +369,7 @@ def _gathered_weights(w: Tensor | None, like: Tensor, total: int, group) -> Tens
 
 def sinkhorn(
     x: Tensor,  # (n_rank, D) this rank's shard of x
-    y: Tensor,  # (m_rank, D) this rank's shard of y
+    y: Tensor | GatheredCloud,  # (m_rank, D) this rank's shard of y, or gather_cloud(it)
     *,
     a: Tensor | None = None,  # (n_rank,) weights of this rank's x; None: uniform 1/N over all of x
     b: Tensor | None = None,  # (m_rank,) weights of this rank's y; None: uniform 1/M
@@ -354,9 +385,10 @@ def sinkhorn(
     reduced over the local shard by ``backend`` (as fl.sinkhorn's), then combined across ranks."""
     from .distances import _check_sinkhorn_args
 
-    _check_shards(x, y, group, lambda: _check_sinkhorn_args(x, y, a, b, blur, p, scaling, reach, debias))
+    _check_shards(x, y, group,
+                  lambda: _check_sinkhorn_args(x, _shard_of(y), a, b, blur, p, scaling, reach, debias))
     x_all, x_span = _gather(x, group)  # (N, D), this rank's rows in it
-    y_all, y_span = _gather(y, group)  # (M, D)
+    y, y_all, y_span = _gathered(y, group)  # (M, D)
     a_all = _gathered_weights(a, x, x_all.shape[0], group)  # (1, N)
     b_all = _gathered_weights(b, y, y_all.shape[0], group)  # (1, M)
     softmin, costs = _local_softmin(backend, x_all, y, p)
@@ -392,11 +424,12 @@ def normalisation(source: Tensor, target: Tensor, *, group=None) -> tuple[Tensor
     return center, (scale if scale > 0 else 1.0)
 
 
-def data_term(kind: str, moved: Tensor, target: Tensor, *, blur: float, backend: str, total: int,
-              group=None) -> tuple[Tensor, Tensor]:  # moved: (n_rank, D), target: (m_rank, D)
+def data_term(kind: str, moved: Tensor, target: Tensor | GatheredCloud, *, blur: float, backend: str,
+              total: int, group=None) -> tuple[Tensor, Tensor]:  # moved: (n_rank, D), target: (m_rank, D)
     """(this rank's differentiable share, the global value) of fl.register's data term from shards:
     summing the shares' gradients over ranks gives the gradient of the global value."""
     if kind == "l2":
+        target = _shard_of(target)
         share = ((moved - target) ** 2).sum() / total  # total: number of source points, all ranks
         value = share.detach().clone()
         return share, all_reduce_(value, group=group)
@@ -428,6 +461,7 @@ def broadcast_parameters(params, *, src: int = 0, group=None) -> None:
 
 
 __all__ = [
-    "all_gather_points", "all_reduce_gradients", "broadcast_parameters", "chamfer", "data_term", "init",
+    "GatheredCloud", "agree", "all_gather_points", "all_reduce_gradients", "broadcast_parameters", "chamfer",
+    "data_term", "gather_cloud", "init",
     "is_active", "normalisation", "shard", "shard_bounds", "shard_sizes", "sinkhorn",
 ]

@@ -306,6 +306,8 @@ def register(
     src_n, tgt_n = (src - center) / scale, (tgt - center) / scale
     # Points of the whole source cloud: the per-point means of the energy (and of "l2") are over all ranks.
     source_total = sum(_dist.shard_sizes(src.shape[0], device=device)) if distributed else src.shape[0]
+    if distributed and data_term != "l2":  # the target does not move: gather it once, not at every step
+        tgt_n = _dist.gather_cloud(tgt_n)
 
     config = dict(data_term=data_term, sigma=float(sigma), width=width, layers=layers, steps=steps, lr=float(lr),
                   optimizer=optimizer, activation=activation, blur=float(blur), seed=seed, backend=backend,

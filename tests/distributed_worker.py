@@ -22,12 +22,13 @@ def distance_case(case: dict) -> dict:
         finally:
             fld._REDUCE_SCATTER_MISSING.clear()
     x, y = fld.shard(case["x"]).clone().requires_grad_(), fld.shard(case["y"]).clone().requires_grad_()
+    y_arg = fld.gather_cloud(y) if case.get("gather_y") else y  # gathered once, no gradient
     if case["kind"] == "chamfer":
-        value = fld.chamfer(x, y, backend=case.get("backend", "auto"))
+        value = fld.chamfer(x, y_arg, backend=case.get("backend", "auto"))
     else:
         a = None if case.get("a") is None else fld.shard(case["a"])
         b = None if case.get("b") is None else fld.shard(case["b"])
-        value = fld.sinkhorn(x, y, a=a, b=b, **case["options"])
+        value = fld.sinkhorn(x, y_arg, a=a, b=b, **case["options"])
     value.backward()
     return {"value": value.detach(), "grad_x": x.grad, "grad_y": y.grad}
 

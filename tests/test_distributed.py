@@ -40,12 +40,14 @@ def _cases() -> dict:
     x[30] = x[2]
     cases["chamfer_f64_ties"] = dict(kind="chamfer", x=x, y=y)
     cases["chamfer_f64_ties_allreduce"] = dict(cases["chamfer_f64_ties"], no_reduce_scatter=True)
+    cases["chamfer_f64_gathered_y"] = dict(cases["chamfer_f64_ties"], gather_y=True)
     x, y = _clouds(401, 303, torch.float32, 1)  # big enough for "auto" to use cKDTree on each shard
     cases["chamfer_f32_kdtree"] = dict(kind="chamfer", x=x, y=y)
     x, y = _clouds(23, 31, torch.float64, 2)
     cases["sinkhorn_f64"] = dict(kind="sinkhorn", x=x, y=y, options=dict(blur=0.1, backend="reference"))
     x, y = _clouds(40, 33, torch.float32, 3, offset=100.0)
     cases["sinkhorn_f32_offset"] = dict(kind="sinkhorn", x=x, y=y, options=dict(blur=0.05))
+    cases["sinkhorn_f64_gathered_y"] = dict(cases["sinkhorn_f64"], gather_y=True)
     x, y = _clouds(19, 26, torch.float64, 4)
     g = torch.Generator().manual_seed(5)
     a = torch.rand(19, generator=g, dtype=torch.float64) + 0.1
@@ -118,6 +120,9 @@ def test_sharded_distance_equals_one_process(sharded, name):
     for r in range(WORLD):  # every rank holds the whole value
         _close(results[r][name]["value"], value, dtype, f"{name} value on rank {r}")
     _close(torch.cat([results[r][name]["grad_x"] for r in range(WORLD)]), grad_x, dtype, f"{name} grad x")
+    if case.get("gather_y"):  # gather_cloud detaches: the value and x's gradient only
+        assert all(results[r][name]["grad_y"] is None for r in range(WORLD))
+        return
     _close(torch.cat([results[r][name]["grad_y"] for r in range(WORLD)]), grad_y, dtype, f"{name} grad y")
 
 
