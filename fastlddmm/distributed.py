@@ -5,7 +5,8 @@ parameters are replicated. The flow acts point by point, so its forward and back
 and only the parameter gradients are summed across ranks (one all-reduce of L·(2·H·D + H + D) numbers
 per evaluation). The data terms are computed *exactly* across shards:
 
-* Chamfer: every rank finds, for all the query points (the shards gathered once per evaluation),
+* Chamfer: every rank finds, for all the query points (every rank's shard, gathered at each call; a
+  cloud that does not change, such as a registration's target, can be gathered once: gather_cloud),
   the nearest point of its own shard; a MIN all-reduce gives the global nearest distance, and a second
   one (over rank numbers) names the rank that owns the minimum: only that rank lets the gradient
   through, so it reaches the owner of the minimiser exactly as in the one-process computation.
