@@ -224,7 +224,8 @@ def _triton_sinkhorn():
     return importlib.import_module("fastlddmm.triton_ops.sinkhorn")
 
 
-# Named backends with a Sinkhorn solver: module with sinkhorn / sinkhorn_potentials / sinkhorn_projection.
+# Named backends with a Sinkhorn solver: a module with softmin_parts(p) (its soft-min for the shared loop)
+# and sinkhorn_projection.
 _SINKHORN: dict[str, Callable[[], object]] = {
     "reference": lambda: _ref_sinkhorn,
     "keops": _keops_sinkhorn,
@@ -303,7 +304,7 @@ def sinkhorn(
     """
     _check_sinkhorn_args(x, y, a, b, blur, p, scaling, reach, debias)
     solver = _sinkhorn_solver(backend, x, y, "sinkhorn")
-    return solver.sinkhorn(x, y, a, b, blur=blur, p=p, scaling=scaling, reach=reach, debias=debias)
+    return _ref_sinkhorn.divergence_with(*solver.softmin_parts(p), x, y, a, b, blur, p, scaling, reach, debias)
 
 
 def sinkhorn_potentials(
@@ -323,7 +324,7 @@ def sinkhorn_potentials(
     the gradient of the divergence with respect to a and b."""
     _check_sinkhorn_args(x, y, a, b, blur, p, scaling, reach, debias)
     solver = _sinkhorn_solver(backend, x, y, "sinkhorn_potentials")
-    return solver.sinkhorn_potentials(x, y, a, b, blur=blur, p=p, scaling=scaling, reach=reach, debias=debias)
+    return _ref_sinkhorn.potentials_with(*solver.softmin_parts(p), x, y, a, b, blur, p, scaling, reach, debias)
 
 
 def sinkhorn_projection(

@@ -350,10 +350,7 @@ def _local_softmin(backend: str, query: Tensor, ref: Tensor, p: int):
     fl.sinkhorn's backends give the shared loop."""
     from . import distances
 
-    module = distances._sinkhorn_solver(backend, query, ref, "sinkhorn")
-    if module is _ref_sinkhorn:
-        return _ref_sinkhorn.softmin_dense, _ref_sinkhorn._dense_costs(p)
-    return functools.partial(module.softmin, p=p), module._costs
+    return distances._sinkhorn_solver(backend, query, ref, "sinkhorn").softmin_parts(p)
 
 
 def _sharded_softmin(softmin, group, eps: float, cost, h: Tensor) -> Tensor:  # h: (1, total) -> (1, K)

@@ -11,6 +11,8 @@ to force a rebuild.
 
 from ._lazy import keops_available
 from .chamfer import nearest_index
-from .sinkhorn import softmin, sinkhorn, sinkhorn_potentials, sinkhorn_projection
+from .sinkhorn import sinkhorn_projection, softmin, softmin_parts
 
-__all__ = ["keops_available", "nearest_index", "sinkhorn", "sinkhorn_potentials", "sinkhorn_projection", "softmin"]
+# The Sinkhorn divergence and potentials with KeOps: fl.sinkhorn(..., backend="keops"), which runs the shared
+# loop of fastlddmm.reference.sinkhorn with softmin_parts(p).
+__all__ = ["keops_available", "nearest_index", "sinkhorn_projection", "softmin", "softmin_parts"]

@@ -1,4 +1,4 @@
-"""KeOps soft-min for the Sinkhorn loop of fastlddmm.reference.sinkhorn, and the KeOps sinkhorn.
+"""KeOps soft-min for the Sinkhorn loop of fastlddmm.reference.sinkhorn, and the KeOps barycentric projection.
 
 The cost is never stored: each soft-min f_i = -eps log Σ_j exp(h_j - C(x_i, y_j) / eps) is a KeOps
 logsumexp reduction over j, and its gradient (in the last, taped step only) another reduction, so
@@ -53,34 +53,10 @@ def _costs(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return (x.contiguous(), y.contiguous())
 
 
-def sinkhorn(
-    x: Tensor,  # (N, D) or (B, N, D)
-    y: Tensor,  # (M, D) or (B, M, D)
-    a: Tensor | None = None,  # (N,) or (B, N)
-    b: Tensor | None = None,  # (M,) or (B, M)
-    blur: float = 0.05,
-    p: int = 2,
-    scaling: float = 0.5,
-    reach: float | None = None,
-    debias: bool = True,
-) -> Tensor:  # () or (B,)
-    """KeOps twin of fastlddmm.reference.sinkhorn.sinkhorn (same loop, same conventions)."""
-    return _ref.divergence_with(functools.partial(softmin, p=p), _costs, x, y, a, b, blur, p, scaling, reach, debias)
-
-
-def sinkhorn_potentials(
-    x: Tensor,  # (N, D) or (B, N, D)
-    y: Tensor,  # (M, D) or (B, M, D)
-    a: Tensor | None = None,  # (N,) or (B, N)
-    b: Tensor | None = None,  # (M,) or (B, M)
-    blur: float = 0.05,
-    p: int = 2,
-    scaling: float = 0.5,
-    reach: float | None = None,
-    debias: bool = True,
-) -> tuple[Tensor, Tensor]:  # (N,) or (B, N), (M,) or (B, M)
-    """KeOps twin of fastlddmm.reference.sinkhorn.sinkhorn_potentials."""
-    return _ref.potentials_with(functools.partial(softmin, p=p), _costs, x, y, a, b, blur, p, scaling, reach, debias)
+def softmin_parts(p: int):
+    """(softmin, costs) for the shared loop of fastlddmm.reference.sinkhorn: fl.sinkhorn and
+    fl.sinkhorn_potentials run it with these (fastlddmm.distances)."""
+    return functools.partial(softmin, p=p), _costs
 
 
 def sinkhorn_projection(
@@ -96,7 +72,7 @@ def sinkhorn_projection(
     """KeOps twin of fastlddmm.reference.sinkhorn.sinkhorn_projection (a softmax-weighted sum)."""
     LazyTensor = lazy_tensor()
     x, y, eps, h, batched = _ref.projection_logits_with(
-        functools.partial(softmin, p=p), _costs, x, y, a, b, blur, p, scaling, reach)
+        *softmin_parts(p), x, y, a, b, blur, p, scaling, reach)
     inv_eps = torch.tensor([1.0 / eps], dtype=x.dtype, device=x.device)
     out = []
     for k in range(x.shape[0]):

@@ -227,6 +227,12 @@ def _dense_costs(p: int):
     return lambda x, y: cost_matrix(x, y, p)
 
 
+def softmin_parts(p: int) -> tuple[Softmin, Callable[[Tensor, Tensor], object]]:
+    """(softmin, costs) of this backend for the shared loop: every Sinkhorn backend module has one, and
+    fl.sinkhorn / fl.sinkhorn_potentials / the sharded Sinkhorn run divergence_with(*softmin_parts(p), ...)."""
+    return softmin_dense, _dense_costs(p)
+
+
 def divergence_with(softmin, costs, x, y, a, b, blur, p, scaling, reach, debias) -> Tensor:  # () or (B,)
     """The Sinkhorn divergence computed with a given soft-min (dense here, KeOps or Triton elsewhere):
     one front-end for every backend, so they differ in the soft-min only."""
@@ -269,7 +275,7 @@ def sinkhorn(
     debias: bool = True,
 ) -> Tensor:  # () or (B,)
     """PyTorch implementation of sinkhorn: GeomLoss's SamplesLoss("sinkhorn") with dense matrices."""
-    return divergence_with(softmin_dense, _dense_costs(p), x, y, a, b, blur, p, scaling, reach, debias)
+    return divergence_with(*softmin_parts(p), x, y, a, b, blur, p, scaling, reach, debias)
 
 
 def sinkhorn_potentials(
@@ -284,7 +290,7 @@ def sinkhorn_potentials(
     debias: bool = True,
 ) -> tuple[Tensor, Tensor]:  # (N,) or (B, N) on x, (M,) or (B, M) on y
     """PyTorch implementation of sinkhorn_potentials: GeomLoss's ``potentials=True`` output."""
-    return potentials_with(softmin_dense, _dense_costs(p), x, y, a, b, blur, p, scaling, reach, debias)
+    return potentials_with(*softmin_parts(p), x, y, a, b, blur, p, scaling, reach, debias)
 
 
 def sinkhorn_projection(
@@ -300,7 +306,7 @@ def sinkhorn_projection(
     """PyTorch implementation of sinkhorn_projection: the barycentric projection of the entropic
     plan of OT(a, b), T(x_i) = Σ_j π_ij y_j / Σ_j π_ij, with π_ij ∝ b_j exp((g_j - C(x_i, y_j)) / eps)
     (the potentials of the a<->b problem; debiasing does not change the plan)."""
-    x, y, eps, h, batched = projection_logits_with(softmin_dense, _dense_costs(p), x, y, a, b, blur, p, scaling, reach)
+    x, y, eps, h, batched = projection_logits_with(*softmin_parts(p), x, y, a, b, blur, p, scaling, reach)
     logits = h.unsqueeze(-2) - cost_matrix(x, y.detach(), p) / eps  # (B, N, M)
     t = logits.softmax(-1) @ y
     return t if batched else t[0]

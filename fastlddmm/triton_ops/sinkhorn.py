@@ -25,34 +25,10 @@ def _costs(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return (x, y)
 
 
-def sinkhorn(
-    x: Tensor,  # (N, D) or (B, N, D)
-    y: Tensor,  # (M, D) or (B, M, D)
-    a: Tensor | None = None,  # (N,) or (B, N)
-    b: Tensor | None = None,  # (M,) or (B, M)
-    blur: float = 0.05,
-    p: int = 2,
-    scaling: float = 0.5,
-    reach: float | None = None,
-    debias: bool = True,
-) -> Tensor:  # () or (B,)
-    """Triton twin of fastlddmm.reference.sinkhorn.sinkhorn (same loop, same conventions)."""
-    return _ref.divergence_with(functools.partial(softmin, p=p), _costs, x, y, a, b, blur, p, scaling, reach, debias)
-
-
-def sinkhorn_potentials(
-    x: Tensor,  # (N, D) or (B, N, D)
-    y: Tensor,  # (M, D) or (B, M, D)
-    a: Tensor | None = None,  # (N,) or (B, N)
-    b: Tensor | None = None,  # (M,) or (B, M)
-    blur: float = 0.05,
-    p: int = 2,
-    scaling: float = 0.5,
-    reach: float | None = None,
-    debias: bool = True,
-) -> tuple[Tensor, Tensor]:  # (N,) or (B, N), (M,) or (B, M)
-    """Triton twin of fastlddmm.reference.sinkhorn.sinkhorn_potentials."""
-    return _ref.potentials_with(functools.partial(softmin, p=p), _costs, x, y, a, b, blur, p, scaling, reach, debias)
+def softmin_parts(p: int):
+    """(softmin, costs) for the shared loop of fastlddmm.reference.sinkhorn: fl.sinkhorn and
+    fl.sinkhorn_potentials run it with these (fastlddmm.distances)."""
+    return functools.partial(softmin, p=p), _costs
 
 
 def sinkhorn_projection(
@@ -67,6 +43,6 @@ def sinkhorn_projection(
 ) -> Tensor:  # (N, D) or (B, N, D)
     """Triton twin of fastlddmm.reference.sinkhorn.sinkhorn_projection (a streamed soft-max weighted sum)."""
     x, y, eps, h, batched = _ref.projection_logits_with(
-        functools.partial(softmin, p=p), _costs, x, y, a, b, blur, p, scaling, reach)
+        *softmin_parts(p), x, y, a, b, blur, p, scaling, reach)
     t = softmax_weighted_sum(eps, x, y.detach(), h, y, p=p)
     return t if batched else t[0]
