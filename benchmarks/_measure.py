@@ -1,6 +1,7 @@
 """Measuring helpers shared by the comparison scripts (compare.py, flow_cpu_quick.py, compare_distances.py).
 
-Time: the median of ``repeat`` calls after one warm-up call (KeOps / torch.compile compile there).
+Time: the median of ``repeat`` calls after one warm-up call (KeOps / torch.compile compile there);
+``median_seconds`` (no memory figure) is fastlddmm.benchmark's, the one ``fastlddmm bench`` uses.
 Peak memory, CPU: the extra resident memory (RSS) of the calls above what the process held before them,
 from the kernel's high-water mark VmHWM, which ``reset_peak_rss`` resets (Linux >= 4.0,
 /proc/self/clear_refs), so the warm-up's compilation memory is not counted. Each (method, size) runs in
@@ -119,19 +120,6 @@ def _peak_extra(device: str, base: int) -> float:
 
         return (torch.cuda.max_memory_allocated() - base) / MIB
     return max(0, peak_rss_bytes() - base) / MIB
-
-
-def median_seconds(fn: Callable[[], object], repeat: int = 3, device: str = "cpu") -> float:
-    """Median wall time of ``repeat`` calls after one warm-up (no memory figure, same process)."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def run_isolated(argv: list[str], timeout: float | None = None) -> dict:

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import fastlddmm.distances as D  # noqa: E402
-from benchmarks._measure import median_seconds  # noqa: E402
+from fastlddmm.benchmark import median_seconds  # noqa: E402
 from fastlddmm import _backend  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 for the residual Euler flow and exact Chamfer / Sinkhorn distances."""
 
 from . import ops, reference
-from ._backend import BackendUnavailableError, backends
+from .dispatch import BackendUnavailableError, backends
 from .distances import chamfer, nearest, sinkhorn, sinkhorn_potentials, sinkhorn_projection
 from .flow import ResNetFlow
 from .registration import Registration, RegistrationDiverged, register

@@ -1,7 +1,7 @@
 """Many registrations from a manifest: one Ray task per pair, or one pair after the other.
 
 ``fastlddmm batch MANIFEST.csv -o OUTDIR`` registers each (source, target) row into OUTDIR/<name>/ with
-:func:`fastlddmm.cli.run_pair`, the function behind ``fastlddmm register``, so both engines write the
+:func:`fastlddmm.pipeline.run_pair`, the function behind ``fastlddmm register``, so both engines write the
 same files and the same numbers:
 
 - ``ray``: each pair is a Ray task that asks for ``cpus_per_pair`` CPUs (its torch thread count) and
@@ -17,13 +17,15 @@ atomically whenever a pair finishes; a pair that fails gets an ``error: ...`` st
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-from fastlddmm.cli import Failed, UserError, _first_line, run_pair
+from ._atomic import write_text
+from .pipeline import InputError, PairFailed, first_line, run_pair
 
 SUMMARY_COLUMNS = ("name", "status", "final_loss", "data", "energy", "min_jacobian_det", "folds", "seconds",
                    "source", "target")
@@ -43,33 +45,33 @@ def read_manifest(path: Path) -> list[dict]:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"cannot read manifest {str(path)!r}: no such file")
+        raise InputError(f"cannot read manifest {str(path)!r}: no such file")
     try:
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             rows = list(reader)
             fields = [c.strip() for c in (reader.fieldnames or [])]
     except (UnicodeDecodeError, csv.Error) as err:
-        raise UserError(f"cannot read manifest {str(path)!r}: {_first_line(err)}") from None
+        raise InputError(f"cannot read manifest {str(path)!r}: {first_line(err)}") from None
     if "source" not in fields or "target" not in fields:
-        raise UserError(f"manifest {str(path)!r} needs a header line with columns source,target[,name]; "
+        raise InputError(f"manifest {str(path)!r} needs a header line with columns source,target[,name]; "
                         f"got {','.join(fields) or 'nothing'}")
     pairs, seen = [], set()
     for number, row in enumerate(rows, start=2):
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
         if not row.get("source") or not row.get("target"):
-            raise UserError(f"manifest {str(path)!r} line {number}: empty source or target")
+            raise InputError(f"manifest {str(path)!r} line {number}: empty source or target")
         src, tgt = (path.parent / row["source"]).absolute(), (path.parent / row["target"]).absolute()
         name = row.get("name") or src.stem
         if any(c in name for c in "/\\") or name in (".", ".."):
-            raise UserError(f"manifest {str(path)!r} line {number}: name {name!r} must not contain a path")
+            raise InputError(f"manifest {str(path)!r} line {number}: name {name!r} must not contain a path")
         base, k = name, 2
         while name in seen:  # same stem twice: keep both
             name, k = f"{base}-{k}", k + 1
         seen.add(name)
         pairs.append({"name": name, "source": src, "target": tgt})
     if not pairs:
-        raise UserError(f"manifest {str(path)!r} lists no pairs")
+        raise InputError(f"manifest {str(path)!r} lists no pairs")
     return pairs
 
 
@@ -83,13 +85,12 @@ def summary_row(summary: dict) -> dict:
 
 def write_summary_csv(path: Path, rows: list[dict]) -> None:
     """Writes the table atomically (temporary file + rename): a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in SUMMARY_COLUMNS})
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in SUMMARY_COLUMNS})
+    write_text(path, buf.getvalue())
 
 
 def _base_row(pair: dict, status: str) -> dict:
@@ -133,7 +134,7 @@ def register_pair(pair: dict, outdir: Path, *, options: dict, force: bool, pictu
     try:
         summary = run_pair(pair["source"], pair["target"], Path(outdir) / pair["name"], options=options,
                            resume=not force, progress=False, name=pair["name"], pictures=pictures)
-    except (UserError, Failed) as err:
+    except (InputError, PairFailed) as err:
         return _base_row(pair, f"error: {err}")
     return {**_base_row(pair, STATUS_OK), **summary_row(summary)}
 
@@ -239,18 +240,18 @@ def _start_ray(address: str | None, *, cpus_per_pair: int, gpus_per_pair: float,
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as err:
-            raise UserError(f"cannot connect to the Ray cluster at {address!r}: {_first_line(err)}") from None
+            raise InputError(f"cannot connect to the Ray cluster at {address!r}: {first_line(err)}") from None
         return True
     # On a cluster Ray reports tasks it cannot place (and an autoscaler may add nodes); on this machine
     # nothing will ever come, so say so now instead of waiting forever.
     cores = _local_cores()
     if cpus_per_pair > cores:
-        raise UserError(f"--cpus-per-pair {cpus_per_pair}: this machine has {cores} CPU cores")
+        raise InputError(f"--cpus-per-pair {cpus_per_pair}: this machine has {cores} CPU cores")
     if gpus_per_pair > 0:
         import torch
 
         if not torch.cuda.is_available():
-            raise UserError("--gpus-per-pair: torch sees no CUDA GPU on this machine (give a cluster with "
+            raise InputError("--gpus-per-pair: torch sees no CUDA GPU on this machine (give a cluster with "
                             "--address, or run on the CPU with --gpus-per-pair 0)")
     ray.init(address="local", num_cpus=cores, include_dashboard=False, **kwargs)
     return True
@@ -291,9 +292,9 @@ def run_ray(pairs: list[dict], outdir: Path, *, options: dict, force: bool = Fal
                 row = ray.get(ref)
             except ray.exceptions.RayTaskError as err:  # a bug inside the task: this pair only
                 cause = err.cause if isinstance(getattr(err, "cause", None), BaseException) else err
-                row = _base_row(pairs[i], f"error: internal: {type(cause).__name__}: {_first_line(cause)}")
+                row = _base_row(pairs[i], f"error: internal: {type(cause).__name__}: {first_line(cause)}")
             except ray.exceptions.RayError as err:  # the worker or its node died, out of memory ...
-                row = _base_row(pairs[i], f"error: {type(err).__name__}: {_first_line(err)}")
+                row = _base_row(pairs[i], f"error: {type(err).__name__}: {first_line(err)}")
             table.set(i, row)
             _finished(bar, row)
     except BaseException:

@@ -13,8 +13,9 @@ per evaluation). The data terms are computed *exactly* across shards:
 * Sinkhorn: every soft-min f_i = -ε log Σ_j exp(h_j - C(x_i, y_j)/ε) is a log-sum-exp over j; each
   rank reduces over its own shard of j, then a MAX all-reduce and a SUM all-reduce of the shifted
   exponentials combine the partials (log-sum-exp of log-sum-exps). The ε-scaling loop, debiasing,
-  ``reach`` and the taped last step are those of ``fastlddmm.reference.sinkhorn`` (same code), so the
-  result equals the one-process value up to rounding.
+  ``reach`` and the taped last step are those of ``fastlddmm.sinkhorn_solver`` (the same ``solve``, run with
+  a soft-min that reduces across ranks: ShardedSoftmin), so the result equals the one-process value up to
+  rounding.
 
 The query side is replicated on every rank (O((N + M)·D) memory per rank: 1.2 GB for 10^8 points in
 3-D float32); the work per rank is O(N·M / P). See docs/scaling.md for what is sent per iteration.
@@ -34,7 +35,6 @@ Gradients with respect to the Sinkhorn weights ``a``, ``b`` are not propagated a
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 from typing import Callable, NamedTuple
 
@@ -42,10 +42,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import sinkhorn_solver
 from ._validation import check_pair, check_points
-
-# The module, not the function fastlddmm.reference.sinkhorn that shadows it as a package attribute.
-_ref_sinkhorn = importlib.import_module("fastlddmm.reference.sinkhorn")
+from .ops import nearest as _nearest
+from .ops.softmin import Softmin, softmin_for
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,11 +314,10 @@ def _check_shards(x: Tensor, y: Tensor | GatheredCloud, group, more: Callable[[]
 
 
 def _nearest_sq_dist(query: Tensor, ref: Tensor, backend: str) -> Tensor:  # (K, D), (R, D) -> (K,)
-    """min_j |query_k - ref_j|², differentiable in both (through the found index)."""
-    from . import distances
-
-    find = distances._index_finder(backend, query.device, "chamfer") or distances._auto_nearest(query, ref)
-    return distances._gather_sq_dist(query, ref, find(query, ref))
+    """min_j |query_k - ref_j|², differentiable in both (through the found index): fl.nearest's op."""
+    q, r = query[None], ref[None]
+    index = _nearest.knn_index(q, r, backend=backend)  # (1, K, 1)
+    return _nearest.gather_distances(q, r, index)[0, :, 0]
 
 
 def chamfer(
@@ -345,18 +344,27 @@ def chamfer(
 # ------------------------------------------------------------------------------------------------
 
 
-def _local_softmin(backend: str, query: Tensor, ref: Tensor, p: int):
-    """(softmin, costs) of the backend that runs this rank's part: the same pluggable pieces that
-    fl.sinkhorn's backends give the shared loop."""
-    from . import distances
+class Shard(NamedTuple):
+    """What one rank reduces over: its own points and their rows [start, stop) in the gathered cloud."""
 
-    return distances._sinkhorn_solver(backend, query, ref, "sinkhorn").softmin_parts(p)
+    points: Tensor  # (1, m_rank, D), detached
+    span: tuple[int, int]
 
 
-def _sharded_softmin(softmin, group, eps: float, cost, h: Tensor) -> Tensor:  # h: (1, total) -> (1, K)
-    """The loop's soft-min over every rank's points: this rank reduces over its own slice of h."""
-    local_cost, (start, stop) = cost
-    return _SoftminAcrossRanks.apply(softmin(eps, local_cost, h[:, start:stop]), eps, group)
+class ShardedSoftmin(Softmin):
+    """The soft-min over every rank's points, for the shared solver: each rank reduces over its own shard
+    with the local backend's soft-min (any backend), then the partials are combined across ranks."""
+
+    def __init__(self, local: Softmin, group):
+        super().__init__(local.p)
+        self.local, self.group = local, group
+
+    def cost(self, x: Tensor, ref: Shard):  # x: (1, K, D) gathered queries
+        return self.local.cost(x, ref.points), ref.span
+
+    def __call__(self, eps: float, cost, h: Tensor) -> Tensor:  # h: (1, total) -> (1, K)
+        local_cost, (start, stop) = cost
+        return _SoftminAcrossRanks.apply(self.local(eps, local_cost, h[:, start:stop]), eps, self.group)
 
 
 def _gathered_weights(w: Tensor | None, like: Tensor, total: int, group) -> Tensor:  # -> (1, total)
@@ -381,36 +389,28 @@ def sinkhorn(
 ) -> Tensor:  # () the same value on every rank
     """fl.sinkhorn of the whole clouds from shards (GeomLoss conventions, same loop). Every soft-min is
     reduced over the local shard by ``backend`` (as fl.sinkhorn's), then combined across ranks."""
-    from .distances import _check_sinkhorn_args
+    from .distances import check_sinkhorn_args
 
     _check_shards(x, y, group,
-                  lambda: _check_sinkhorn_args(x, _shard_of(y), a, b, blur, p, scaling, reach, debias))
+                  lambda: check_sinkhorn_args(x, _shard_of(y), a, b, blur, p, scaling, reach, debias))
     x_all, x_span = _gather(x, group)  # (N, D), this rank's rows in it
     y, y_all, y_span = _gathered(y, group)  # (M, D)
     a_all = _gathered_weights(a, x, x_all.shape[0], group)  # (1, N)
     b_all = _gathered_weights(b, y, y_all.shape[0], group)  # (1, M)
-    softmin, costs = _local_softmin(backend, x_all, y, p)
-    loop_softmin = functools.partial(_sharded_softmin, softmin, group)
-
-    eps, rho = blur**p, (None if reach is None else reach**p)
-    eps_list = _ref_sinkhorn.epsilon_schedule(p, _ref_sinkhorn.max_diameter(x_all, y_all), blur, scaling)
+    softmin = ShardedSoftmin(softmin_for(backend, x_all, y, p), group)
     # Queries: the gathered clouds (differentiable); references: this rank's shard, detached as in GeomLoss.
-    xq, yq, xr, yr = x_all[None], y_all[None], x.detach()[None], y.detach()[None]
-    c_xy, c_yx = (costs(xq, yr), y_span), (costs(yq, xr), x_span)
-    c_xx = (costs(xq, xr), x_span) if debias else None
-    c_yy = (costs(yq, yr), y_span) if debias else None
-    f_aa, g_bb, g_ab, f_ba = _ref_sinkhorn.sinkhorn_loop(
-        loop_softmin, _ref_sinkhorn.log_weights(a_all), _ref_sinkhorn.log_weights(b_all),
-        c_xy, c_yx, c_xx, c_yy, eps_list, rho, debias)
-    return _ref_sinkhorn.sinkhorn_cost(eps, rho, a_all, b_all, f_aa, g_bb, g_ab, f_ba, debias)[0]
+    pot = sinkhorn_solver.solve(softmin, x_all[None], y_all[None], a_all, b_all, blur, p, scaling, reach, debias,
+                                x_ref=Shard(x.detach()[None], x_span), y_ref=Shard(y.detach()[None], y_span))
+    return sinkhorn_solver.sinkhorn_cost(pot.eps, pot.rho, a_all, b_all, pot.f_aa, pot.g_bb, pot.g_ab, pot.f_ba,
+                                         debias)[0]
 
 
 # ------------------------------------------------------------------------------------------------
-# Pieces of a sharded registration (used by fl.register(distributed=True))
+# A sharded registration: fl.register(distributed=True) runs its one loop with PointSharding
 # ------------------------------------------------------------------------------------------------
 
 
-def normalisation(source: Tensor, target: Tensor, *, group=None) -> tuple[Tensor, float]:  # (n, D), (m, D)
+def _normalisation(source: Tensor, target: Tensor, group) -> tuple[Tensor, float]:  # (n, D), (m, D)
     """fl.register's normalisation of the whole clouds: joint centroid and radius, from shards."""
     both = torch.cat([source, target], dim=0)
     stats = torch.cat([both.sum(0), both.new_tensor([both.shape[0]])])
@@ -422,24 +422,7 @@ def normalisation(source: Tensor, target: Tensor, *, group=None) -> tuple[Tensor
     return center, (scale if scale > 0 else 1.0)
 
 
-def data_term(kind: str, moved: Tensor, target: Tensor | GatheredCloud, *, blur: float, backend: str,
-              total: int, group=None) -> tuple[Tensor, Tensor]:  # moved: (n_rank, D), target: (m_rank, D)
-    """(this rank's differentiable share, the global value) of fl.register's data term from shards:
-    summing the shares' gradients over ranks gives the gradient of the global value."""
-    if kind == "l2":
-        target = _shard_of(target)
-        share = ((moved - target) ** 2).sum() / total  # total: number of source points, all ranks
-        value = share.detach().clone()
-        return share, all_reduce_(value, group=group)
-    if kind == "chamfer":
-        value = chamfer(moved, target, backend=backend, group=group)
-    else:
-        value = sinkhorn(moved, target, blur=blur, backend=backend, group=group)
-    # Every rank holds the whole value; its backward already routes to each rank its own share.
-    return value, value.detach()
-
-
-def all_reduce_gradients(params, *, group=None) -> None:
+def _all_reduce_gradients(params, group) -> None:
     """Sums the parameters' gradients over ranks, in one flat all-reduce."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -451,15 +434,75 @@ def all_reduce_gradients(params, *, group=None) -> None:
         offset += n
 
 
-def broadcast_parameters(params, *, src: int = 0, group=None) -> None:
-    """Makes every rank start from rank ``src``'s parameters."""
-    for p in params:
-        with torch.no_grad():
-            dist.broadcast(p.data, src=src, group=group)
+class PointSharding:
+    """fl.register's Sharding (see fastlddmm.registration.Sharding) for point-sharded clouds: each rank
+    holds a contiguous shard of the source and of the target, the flow is replicated, and
+
+    * input checks are agreed on by every rank (a bad shard raises everywhere instead of hanging);
+    * the normalisation is that of the whole clouds; the target is gathered once (gather_cloud);
+    * the energy and "l2" are per-rank shares of whole-cloud means, Chamfer and Sinkhorn are exact
+      across shards (chamfer / sinkhorn above); summing the shares' gradients over ranks (one flat
+      all-reduce) gives the whole gradient;
+    * rank 0 shows progress and writes files.
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+        self.rank, self.world_size = _require(group)
+
+    @property
+    def writes(self) -> bool:
+        return self.rank == 0
+
+    def check(self, validate: Callable[[], None], source) -> None:
+        described = isinstance(source, Tensor) and source.dim() > 0
+        agree(validate, same={"point dimension": source.shape[-1] if described else -1,
+                              "dtype (1: float64)": int(described and source.dtype == torch.float64)},
+              group=self.group)
+
+    def normalisation(self, source: Tensor, target: Tensor) -> tuple[Tensor, float]:
+        return _normalisation(source, target, self.group)
+
+    def total_points(self, count: int) -> int:
+        device = _collective_device(self.group)
+        return sum(shard_sizes(count, device=device, group=self.group))
+
+    def prepare_target(self, data_term: str, target: Tensor):
+        # The target does not move: gather it once, not at every step ("l2" pairs shards instead).
+        return target if data_term == "l2" else gather_cloud(target, group=self.group)
+
+    def start(self, params) -> None:
+        # The same seed gives the same start already; this makes it certain.
+        for p in params:
+            with torch.no_grad():
+                dist.broadcast(p.data, src=0, group=self.group)
+
+    def objective(self, data_term: str, moved: Tensor, target, energy: Tensor, *, weight: float, blur: float,
+                  backend: str, total: int) -> tuple[Tensor, dict[str, Tensor]]:
+        energy_share = energy * (moved.shape[0] / total)
+        if data_term == "l2":
+            data_share = ((moved - _shard_of(target)) ** 2).sum() / total
+            data = all_reduce_(data_share.detach().clone(), group=self.group)
+        else:
+            fn = chamfer if data_term == "chamfer" else functools.partial(sinkhorn, blur=blur)
+            # Every rank holds the whole value; its backward already routes to each rank its own share.
+            data_share = fn(moved, target, backend=backend, group=self.group)
+            data = data_share.detach()
+        energy_total = all_reduce_(energy_share.detach().clone(), group=self.group)
+        values = {"loss": weight * data + energy_total, "data": data, "energy": energy_total}
+        return weight * data_share + energy_share, values
+
+    def reduce_gradients(self, params) -> None:
+        _all_reduce_gradients(params, self.group)
+
+    def config(self) -> dict:
+        return {"world_size": self.world_size}
+
+    def keeps_clouds(self) -> bool:
+        return False
 
 
 __all__ = [
-    "GatheredCloud", "agree", "all_gather_points", "all_reduce_gradients", "broadcast_parameters", "chamfer",
-    "data_term", "gather_cloud", "init",
-    "is_active", "normalisation", "shard", "shard_bounds", "shard_sizes", "sinkhorn",
+    "GatheredCloud", "PointSharding", "Shard", "ShardedSoftmin", "agree", "all_gather_points", "chamfer",
+    "gather_cloud", "init", "is_active", "shard", "shard_bounds", "shard_sizes", "sinkhorn",
 ]

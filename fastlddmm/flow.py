@@ -7,10 +7,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import _backend as _backends
+from . import dispatch
 from ._validation import check_choice, check_positive
 from .ops.euler_flow import euler_flow
-from .reference import flow as _ref
+from .ops.euler_flow import reference as _ref
 
 
 class ResNetFlow(nn.Module):
@@ -29,16 +29,19 @@ class ResNetFlow(nn.Module):
         layers: L, number of residual blocks / Euler steps.
         activation: "relu" (the paper's), "tanh" or "softplus" (smooth: a true diffeomorphism).
         backend: "auto", "reference", "cpu", "triton" or "cuda" for the fused flow op.
+        deterministic: keep backend="auto" off kernels that sum with atomics (bitwise-reproducible runs;
+            see fastlddmm.dispatch).
     """
 
     def __init__(self, dim: int = 3, width: int = 500, layers: int = 10, activation: str = "relu",
-                 backend: str = "auto"):
+                 backend: str = "auto", *, deterministic: bool = False):
         super().__init__()
         check_positive(dim, "dim", integer=True)
         check_positive(width, "width", integer=True)
         check_positive(layers, "layers", integer=True)
         check_choice(activation, "activation", _ref.ACTIVATIONS)
-        self.backend = _backends.check_name(backend)
+        self.backend = dispatch.check_name(backend)
+        self.deterministic = bool(deterministic)
         self.dim, self.width, self.layers, self.activation = dim, width, layers, activation
         bound = 1.0 / math.sqrt(dim)
         self.weight1 = nn.Parameter(torch.empty(layers, width, dim).uniform_(-bound, bound))
@@ -72,7 +75,8 @@ class ResNetFlow(nn.Module):
     def forward_with_energy(self, x: Tensor) -> tuple[Tensor, Tensor]:  # x: (..., D) -> (..., D), ()
         """The points moved to time 1 and the kinetic energy, in one fused pass when a fast path exists."""
         x = self._check_input(x)
-        return euler_flow(x, *self.params(), self.dt, self.activation, backend=self.backend)
+        return euler_flow(x, *self.params(), self.dt, self.activation, backend=self.backend,
+                          deterministic=self.deterministic)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., D) -> (..., D)
         return self.forward_with_energy(x)[0]

@@ -15,7 +15,7 @@ Formats (chosen by the file extension):
 
 Every problem with a file (missing, truncated, malformed, NaN / Inf, empty) raises one
 ``PointFileError`` naming the file and what is wrong, never a parser's internal traceback.
-Writes are atomic: a temporary file in the same folder, then ``os.replace``.
+Writes are atomic (fastlddmm._atomic): a temporary file in the same folder, then one rename.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from __future__ import annotations
 import contextlib
 import io as _io
 import logging
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ._atomic import atomic_write
 
 __all__ = ["MESH_EXTENSIONS", "EXTENSIONS", "MeshInfo", "PointFileError", "read_points", "write_points"]
 
@@ -327,28 +327,6 @@ def read_points(path, *, dim: int | None = None) -> tuple[np.ndarray, MeshInfo]:
 
 # -- writing ----------------------------------------------------------------------------------------
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def _atomic(path: Path):
-    """Yields a temporary path in path's folder (same extension); renamed onto path on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _write_text(path: Path, points: np.ndarray, like: MeshInfo | None) -> None:
     delimiter = "," if _ext(path) == ".csv" else " "
     header = None
@@ -360,7 +338,7 @@ def _write_text(path: Path, points: np.ndarray, like: MeshInfo | None) -> None:
     if header is not None:
         buf.write(header + "\n")
     np.savetxt(buf, points, fmt="%.17g", delimiter=delimiter)  # %.17g: exact float64 round trip
-    with _atomic(path) as tmp:
+    with atomic_write(path) as tmp:
         tmp.write_text(buf.getvalue(), encoding="utf-8")
 
 
@@ -383,7 +361,7 @@ def _write_mesh(path: Path, points: np.ndarray, like: MeshInfo | None) -> None:
         cells = [("vertex", np.arange(points.shape[0], dtype=np.int64)[:, None])]
     if ext == ".stl":
         cells = [(kind, data) for kind, data in cells if kind == "triangle"]
-    with _atomic(path) as tmp, _quiet_meshio():
+    with atomic_write(path) as tmp, _quiet_meshio():
         try:
             meshio.write(str(tmp), meshio.Mesh(points, cells), file_format=_MESHIO_FORMATS[ext])
         except (Exception, SystemExit) as err:
@@ -411,7 +389,7 @@ def write_points(path, points, *, like: MeshInfo | None = None) -> None:
         raise PointFileError(f"cannot write {str(path)!r}: unknown extension {ext or '(none)'!r}; "
                              f"supported: {', '.join(EXTENSIONS)}")
     if ext == ".npy":
-        with _atomic(path) as tmp:
+        with atomic_write(path) as tmp:
             np.save(tmp, points, allow_pickle=False)
     elif ext in TEXT_EXTENSIONS:
         _write_text(path, points, like)

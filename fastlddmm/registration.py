@@ -10,10 +10,8 @@ The returned Registration maps points given in the original coordinates.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -21,13 +19,38 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import dispatch
+from ._atomic import atomic_write
 from ._validation import check_choice, check_pair, check_points, check_positive
 from .flow import ResNetFlow
-from .reference import flow as _ref_flow
+from .ops.euler_flow.reference import ACTIVATIONS
 
 DATA_TERMS = ("sinkhorn", "chamfer", "l2")
 OPTIMIZERS = ("adam", "lbfgs")
 _FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RegisterDefaults:
+    """register()'s defaults, in one place: the command line reads them too (and its choices come from
+    DATA_TERMS, OPTIMIZERS, ACTIVATIONS and fastlddmm.dispatch.BACKENDS)."""
+
+    data_term: str = "sinkhorn"
+    sigma: float = 0.1
+    width: int = 128
+    layers: int = 10
+    steps: int = 500
+    lr: float | None = None  # 5e-3 for Adam, 1.0 for L-BFGS
+    optimizer: str = "adam"
+    activation: str = "relu"
+    blur: float = 0.02
+    seed: int = 0
+    backend: str = "auto"
+    checkpoint_every: int = 50
+
+
+DEFAULTS = RegisterDefaults()
+DEFAULT_LR = {"adam": 5e-3, "lbfgs": 1.0}
 
 
 class RegistrationDiverged(RuntimeError):
@@ -40,21 +63,8 @@ class RegistrationDiverged(RuntimeError):
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:
         torch.save(obj, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def data_term_value(kind: str, moved: Tensor, target: Tensor, *, blur: float, backend: str) -> Tensor:
@@ -185,33 +195,122 @@ class Registration:
         return cls.from_state(state, device=device)
 
 
-def _normalisation(source: Tensor, target: Tensor) -> tuple[Tensor, float]:
+
+
+def normalisation(source: Tensor, target: Tensor) -> tuple[Tensor, float]:  # (N, D), (M, D)
+    """Joint centroid and radius of both clouds: normalised = (x - center) / scale."""
     both = torch.cat([source, target], dim=0)
     center = both.mean(0)
     scale = float((both - center).norm(dim=-1).max())
     return center, (scale if scale > 0 else 1.0)
 
 
+class Sharding:
+    """How a registration's points are split between processes; this one: not at all (one process).
+
+    register() runs one optimisation loop and asks this object everything sharding changes: the input
+    checks (agreed on by every rank), the normalisation, the target (gathered once), the objective's
+    terms (per-rank shares of whole-cloud means, collectives in the data terms), the parameter gradients
+    (summed over ranks), who shows progress and writes files. fastlddmm.distributed.PointSharding is the
+    point-sharded version.
+    """
+
+    rank = 0
+    world_size = 1
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process shows progress and writes checkpoints."""
+        return self.rank == 0
+
+    def check(self, validate: Callable[[], None], source) -> None:
+        validate()
+
+    def normalisation(self, source: Tensor, target: Tensor) -> tuple[Tensor, float]:
+        return normalisation(source, target)
+
+    def total_points(self, count: int) -> int:
+        """Points of the whole source cloud (the per-point means run over all of them)."""
+        return count
+
+    def prepare_target(self, data_term: str, target: Tensor):
+        return target
+
+    def start(self, params: list[Tensor]) -> None:
+        """Makes every process start from the same parameters."""
+
+    def objective(self, data_term: str, moved: Tensor, target, energy: Tensor, *, weight: float, blur: float,
+                  backend: str, total: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """(this process's differentiable share of the loss, the whole loss and its terms, detached)."""
+        data = data_term_value(data_term, moved, target, blur=blur, backend=backend)
+        loss = weight * data + energy
+        return loss, {"loss": loss.detach(), "data": data.detach(), "energy": energy.detach()}
+
+    def reduce_gradients(self, params: list[Tensor]) -> None:
+        """Sums the parameters' gradients over processes."""
+
+    def config(self) -> dict:
+        return {}
+
+    def keeps_clouds(self) -> bool:
+        """Whether the result can hold the whole source and target (a shard cannot)."""
+        return True
+
+
+def _validate(source, target, *, data_term, optimizer, activation, sigma, blur, width, layers, steps,
+              checkpoint_every, lr, dtype, deterministic) -> None:
+    check_points(source, "source", allow_batch=False)
+    check_points(target, "target", allow_batch=False)
+    if source.shape[-1] != target.shape[-1]:
+        raise ValueError(f"source and target must have the same point dimension, got {source.shape[-1]} and {target.shape[-1]}")
+    check_choice(data_term, "data_term", DATA_TERMS)
+    check_choice(optimizer, "optimizer", OPTIMIZERS)
+    check_choice(activation, "activation", ACTIVATIONS)
+    check_positive(sigma, "sigma")
+    check_positive(blur, "blur")
+    check_positive(width, "width", integer=True)
+    check_positive(layers, "layers", integer=True)
+    check_positive(steps, "steps", integer=True)
+    check_positive(checkpoint_every, "checkpoint_every", integer=True)
+    check_positive(lr, "lr", allow_none=True)
+    if data_term == "l2" and source.shape[0] != target.shape[0]:
+        raise ValueError(f"data_term='l2' needs one target point per source point, got {source.shape[0]} and {target.shape[0]}")
+    if dtype not in (None, torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be True or False, got {deterministic!r}")
+
+
+def _make_optimizer(name: str, params: list[Tensor], lr: float):
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.LBFGS(params, lr=lr, max_iter=20, history_size=20, line_search_fn="strong_wolfe")
+
+
+def _state_dict_copy(flow: ResNetFlow) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in flow.state_dict().items()}
+
+
 def register(
     source: Tensor,  # (N, D)
     target: Tensor,  # (M, D); M == N for data_term="l2" (target[i] corresponds to source[i])
     *,
-    data_term: str = "sinkhorn",
-    sigma: float = 0.1,
-    width: int = 128,
-    layers: int = 10,
-    steps: int = 500,
-    lr: float | None = None,
-    optimizer: str = "adam",
-    activation: str = "relu",
-    blur: float = 0.02,
+    data_term: str = DEFAULTS.data_term,
+    sigma: float = DEFAULTS.sigma,
+    width: int = DEFAULTS.width,
+    layers: int = DEFAULTS.layers,
+    steps: int = DEFAULTS.steps,
+    lr: float | None = DEFAULTS.lr,
+    optimizer: str = DEFAULTS.optimizer,
+    activation: str = DEFAULTS.activation,
+    blur: float = DEFAULTS.blur,
     device=None,
     dtype: torch.dtype | None = None,
-    seed: int = 0,
+    seed: int = DEFAULTS.seed,
     progress: bool = True,
-    backend: str = "auto",
+    backend: str = DEFAULTS.backend,
     checkpoint=None,
-    checkpoint_every: int = 50,
+    checkpoint_every: int = DEFAULTS.checkpoint_every,
     resume: bool = False,
     callback: Callable[[int, dict], None] | None = None,
     deterministic: bool = False,
@@ -233,14 +332,13 @@ def register(
             float32 unless the source is float64).
         seed: seeds the flow's initialisation (same seed and inputs → same result).
         progress: show a progress bar.
-        backend: backend for the flow and data-term ops ("auto" picks the fastest available).
+        backend: backend for the flow and data-term ops ("auto": fastlddmm.dispatch picks the fastest available).
         checkpoint: file to write a checkpoint to every ``checkpoint_every`` steps (atomically);
             with resume=True, optimisation continues from it when it exists.
         callback: called as callback(step, {"loss", "data", "energy"}) after each step.
-        deterministic: bitwise-reproducible runs (same seed, inputs, machine and thread count → same
-            result): turns on torch.use_deterministic_algorithms for the run, and on CUDA keeps
-            backend="auto" off the CUDA kernels, whose weight gradients are summed with atomics. On the
-            CPU the default run is already deterministic for a fixed number of threads.
+        deterministic: bitwise-reproducible runs (same seed, inputs and machine → same result): turns on
+            torch.use_deterministic_algorithms for the run and keeps backend="auto" off kernels that sum
+            with atomics (the CUDA flow). The CPU paths are deterministic whatever the thread count.
         distributed: point-sharded registration on torch.distributed (see fastlddmm.distributed): every
             rank calls register() with its own shard of source and target (non-empty; for "l2" shards that
             correspond), and all get the same flow, fitted to the whole clouds with exact data terms. Only
@@ -255,76 +353,40 @@ def register(
         target = torch.from_numpy(target)
     if not isinstance(distributed, bool):
         raise TypeError(f"distributed must be True or False, got {distributed!r}")
+    if distributed:
+        from .distributed import PointSharding
 
-    def validate() -> None:
-        check_points(source, "source", allow_batch=False)
-        check_points(target, "target", allow_batch=False)
-        if source.shape[-1] != target.shape[-1]:
-            raise ValueError(f"source and target must have the same point dimension, got {source.shape[-1]} and {target.shape[-1]}")
-        check_choice(data_term, "data_term", DATA_TERMS)
-        check_choice(optimizer, "optimizer", OPTIMIZERS)
-        check_choice(activation, "activation", _ref_flow.ACTIVATIONS)
-        check_positive(sigma, "sigma")
-        check_positive(blur, "blur")
-        check_positive(width, "width", integer=True)
-        check_positive(layers, "layers", integer=True)
-        check_positive(steps, "steps", integer=True)
-        check_positive(checkpoint_every, "checkpoint_every", integer=True)
-        check_positive(lr, "lr", allow_none=True)
-        if data_term == "l2" and source.shape[0] != target.shape[0]:
-            raise ValueError(f"data_term='l2' needs one target point per source point, got {source.shape[0]} and {target.shape[0]}")
-        if dtype not in (None, torch.float32, torch.float64):
-            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        if not isinstance(deterministic, bool):
-            raise TypeError(f"deterministic must be True or False, got {deterministic!r}")
-
-    if distributed:  # a bad shard on one rank must not leave the others waiting in a collective
-        from . import distributed as _dist
-
-        described = isinstance(source, Tensor) and source.dim() > 0
-        _dist.agree(validate, same={"point dimension": source.shape[-1] if described else -1,
-                                    "dtype (1: float64)": int(described and source.dtype == torch.float64)})
+        sharding = PointSharding()
     else:
-        validate()
+        sharding = Sharding()
+    sharding.check(lambda: _validate(
+        source, target, data_term=data_term, optimizer=optimizer, activation=activation, sigma=sigma, blur=blur,
+        width=width, layers=layers, steps=steps, checkpoint_every=checkpoint_every, lr=lr, dtype=dtype,
+        deterministic=deterministic), source)
+    dispatch.check_name(backend)
     if dtype is None:
         dtype = torch.float64 if source.dtype == torch.float64 else torch.float32
     device = torch.device(device) if device is not None else source.device
-    if lr is None:
-        lr = 5e-3 if optimizer == "adam" else 1.0
-    rank, world_size = 0, 1
-    if distributed:
-        rank, world_size = _dist._require()
-        progress = progress and rank == 0
-    if deterministic and backend == "auto" and device.type == "cuda":
-        from . import _backend
-
-        backend = "triton" if _backend.status("triton").available else "reference"
+    lr = DEFAULT_LR[optimizer] if lr is None else lr
     src = source.to(device=device, dtype=dtype)
     tgt = target.to(device=device, dtype=dtype)
     check_pair(src, tgt, "source", "target")
-    center, scale = _dist.normalisation(src, tgt) if distributed else _normalisation(src, tgt)
-    src_n, tgt_n = (src - center) / scale, (tgt - center) / scale
-    # Points of the whole source cloud: the per-point means of the energy (and of "l2") are over all ranks.
-    source_total = sum(_dist.shard_sizes(src.shape[0], device=device)) if distributed else src.shape[0]
-    if distributed and data_term != "l2":  # the target does not move: gather it once, not at every step
-        tgt_n = _dist.gather_cloud(tgt_n)
 
+    center, scale = sharding.normalisation(src, tgt)
+    src_n = (src - center) / scale
+    tgt_n = sharding.prepare_target(data_term, (tgt - center) / scale)
+    total = sharding.total_points(src.shape[0])
     config = dict(data_term=data_term, sigma=float(sigma), width=width, layers=layers, steps=steps, lr=float(lr),
                   optimizer=optimizer, activation=activation, blur=float(blur), seed=seed, backend=backend,
-                  dim=int(src.shape[-1]), dtype=str(dtype).replace("torch.", ""))
-    if distributed:
-        config["world_size"] = world_size
+                  dim=int(src.shape[-1]), dtype=str(dtype).replace("torch.", ""), **sharding.config())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        flow = ResNetFlow(dim=src.shape[-1], width=width, layers=layers, activation=activation, backend=backend)
+        flow = ResNetFlow(dim=src.shape[-1], width=width, layers=layers, activation=activation, backend=backend,
+                          deterministic=deterministic)
     flow = flow.to(device=device, dtype=dtype)
     params = list(flow.parameters())
-    if distributed:  # same seed gives the same start already; this makes it certain
-        _dist.broadcast_parameters(params)
-    if optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr)
-    else:
-        opt = torch.optim.LBFGS(params, lr=lr, max_iter=20, history_size=20, line_search_fn="strong_wolfe")
+    sharding.start(params)
+    opt = _make_optimizer(optimizer, params, lr)
 
     history: dict[str, list[float]] = {"loss": [], "data": [], "energy": []}
     start_step = 0
@@ -341,44 +403,29 @@ def register(
         start_step = int(ckpt["step"])
 
     weight = 1.0 / (2.0 * sigma**2)
-    last = {}
-
-    def evaluate() -> Tensor:
-        moved, energy = flow.forward_with_energy(src_n)
-        if not distributed:
-            data = data_term_value(data_term, moved, tgt_n, blur=blur, backend=backend)
-            loss = weight * data + energy
-            last.update(loss=loss.detach(), data=data.detach(), energy=energy.detach())
-            return loss
-        # This rank's share of the objective: summed over ranks, its gradients give the whole gradient.
-        energy_share = energy * (src_n.shape[0] / source_total)
-        data_share, data = _dist.data_term(data_term, moved, tgt_n, blur=blur, backend=backend,
-                                           total=source_total)
-        energy = _dist.all_reduce_(energy_share.detach().clone())
-        last.update(loss=weight * data + energy, data=data, energy=energy)
-        return weight * data_share + energy_share
+    last: dict[str, Tensor] = {}
 
     def closure() -> Tensor:
         opt.zero_grad(set_to_none=True)
-        evaluate().backward()
-        if distributed:
-            _dist.all_reduce_gradients(params)
+        moved, energy = flow.forward_with_energy(src_n)
+        share, last_values = sharding.objective(data_term, moved, tgt_n, energy, weight=weight, blur=blur,
+                                                backend=backend, total=total)
+        share.backward()
+        sharding.reduce_gradients(params)
+        last.update(last_values)
         return last["loss"]  # the whole objective (L-BFGS's line search reads it)
 
     def snapshot() -> Registration:
-        if distributed:  # each rank held only a shard of the clouds
-            return Registration(flow, center.detach().cpu(), scale, config, history)
-        return Registration(flow, center.detach().cpu(), scale, config, history, source.detach().cpu(),
-                            target.detach().cpu())
+        clouds = (source.detach().cpu(), target.detach().cpu()) if sharding.keeps_clouds() else (None, None)
+        return Registration(flow, center.detach().cpu(), scale, config, history, *clouds)
 
     def save_checkpoint(step: int) -> None:
-        if ckpt_path is None or rank != 0:
-            return
-        _atomic_torch_save({"config": config, "flow": flow.state_dict(), "optimizer": opt.state_dict(),
-                            "history": history, "step": step}, ckpt_path)
+        if ckpt_path is not None and sharding.writes:
+            _atomic_torch_save({"config": config, "flow": flow.state_dict(), "optimizer": opt.state_dict(),
+                                "history": history, "step": step}, ckpt_path)
 
     bar = None
-    if progress:
+    if progress and sharding.writes:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, initial=start_step, desc=f"register ({data_term})", unit="step", leave=True)
@@ -398,10 +445,10 @@ def register(
                     raise RegistrationDiverged(
                         f"registration diverged at step {step}: the {'loss' if grads_finite else 'gradient'} is "
                         f"not finite (try a larger sigma, a smaller lr, or check the inputs)", step, snapshot())
-                previous = {k: v.detach().clone() for k, v in flow.state_dict().items()}
+                previous = _state_dict_copy(flow)
                 opt.step()
             else:
-                good = {k: v.detach().clone() for k, v in flow.state_dict().items()}
+                good = _state_dict_copy(flow)
                 opt.step(closure)
                 if not all(bool(torch.isfinite(p).all()) for p in params) or not bool(torch.isfinite(last["loss"])):
                     flow.load_state_dict(good)
@@ -420,7 +467,7 @@ def register(
             if (step + 1) % checkpoint_every == 0:
                 save_checkpoint(step + 1)
     except RegistrationDiverged as err:
-        if ckpt_path is not None and rank == 0:
+        if ckpt_path is not None and sharding.writes:
             err.partial.save(ckpt_path.with_name(ckpt_path.stem + ".partial.pt"))
         raise
     finally:
@@ -429,7 +476,5 @@ def register(
             bar.close()
     result = snapshot()
     result.config["seconds"] = time.perf_counter() - t0
-    if ckpt_path is not None:
-        save_checkpoint(steps)
+    save_checkpoint(steps)
     return result
-

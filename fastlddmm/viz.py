@@ -12,13 +12,12 @@ opens a window.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ._atomic import atomic_write
 
 __all__ = ["animate_flow", "plot_losses", "plot_registration"]
 
@@ -83,29 +82,6 @@ def _limits(clouds, margin: float = 0.08) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = pts.min(0), pts.max(0)
     center, half = (lo + hi) / 2, (hi - lo).max() / 2 * (1 + margin) + 1e-12
     return center - half, center + half
-
-
-def _atomic_path(path: Path):
-    """A temporary file beside ``path`` with the same extension (renamed onto it when complete)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-@contextlib.contextmanager
-def _atomic(path: Path):
-    tmp = _atomic_path(path)
-    try:
-        yield tmp
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _draw2d(ax, pts, edges, *, color, lw=1.6, alpha=1.0, ls="-", size=6, label=None, zorder=2):
@@ -295,7 +271,7 @@ def animate_flow(
     if note:  # under the title line, which the clock shares
         fig.text(0.03, 0.93, note, ha="left", va="top", fontsize=8, color="#555555")
 
-    with _atomic(path) as tmp:
+    with atomic_write(path) as tmp:
         writer = PillowWriter(fps=fps)
         with writer.saving(fig, str(tmp), dpi=dpi):
             for t, pts in frames + [frames[-1]] * hold:
@@ -345,7 +321,7 @@ def plot_losses(history: dict, path="losses.png", *, sigma: float | None = None,
                            else "optimisation"), fontsize=10)
     ax.legend(fontsize=8, frameon=False)
     path = Path(path)
-    with _atomic(path) as tmp:
+    with atomic_write(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png")
     return path
 
@@ -460,6 +436,6 @@ def plot_registration(
         heading += f"   (min det Dφ = {min_det:.3g}{', folds!' if min_det <= 0 else ''})"
     fig.suptitle(heading, fontsize=11)
     path = Path(path)
-    with _atomic(path) as tmp:
+    with atomic_write(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png")
     return path

@@ -3,7 +3,7 @@
 Model and backward formulas: see fastlddmm/reference/flow.py (the ground truth) and the fused-flow
 contract in fastlddmm/ops/euler_flow.py. Per layer l, for every point x (a row of the tile):
     z = W1_l x + b1_l (H),  h = ρ(z),  v = W2_l h + b2_l (D),  x <- x + dt·v,
-    energy = ½ · dt · Σ_l Σ_i |v_l(x_i^l)|² / N.
+    S = Σ_l Σ_i |v_l(x_i^l)|² (the kinetic sum; the op makes it the energy ½ · dt · S / N).
 
 Design choices (and why):
 
@@ -165,6 +165,7 @@ def _euler_flow_fwd_kernel(
     sq_ptr,  # (num_tiles,) per tile: Σ_l Σ_i |v_l(x_i^l)|²
     N, L, H, D,
     ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    STORE_STATES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -178,7 +179,8 @@ def _euler_flow_fwd_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     sq = tl.zeros([BLOCK_N], dtype=x.dtype)
     for layer in range(L):
-        tl.store(states_ptr + layer * layer_stride + offs, x, mask=mask)
+        if STORE_STATES:
+            tl.store(states_ptr + layer * layer_stride + offs, x, mask=mask)
         v = _velocity(
             x, w1_ptr + layer * H * D, b1_ptr + layer * H, w2_ptr + layer * D * H, b2_ptr + layer * D,
             H, D, ACT, BLOCK_H, BLOCK_D,
@@ -193,7 +195,7 @@ def _euler_flow_fwd_kernel(
 @triton.jit(do_not_specialize=["N", "num_tiles"])
 def _euler_flow_bwd_kernel(
     gout_ptr,  # (N, D) dLoss/dx_final
-    ge_ptr,  # (1,) dLoss/denergy
+    gs_ptr,  # (1,) dLoss/dS, S = Σ_l Σ_i |v_l(x_i^l)|² (the kinetic sum)
     states_ptr,  # (L, N, D)
     w1_ptr,  # (L, H, D)
     b1_ptr,  # (L, H)
@@ -220,8 +222,8 @@ def _euler_flow_bwd_kernel(
     gb2_base = gb1_base + L * H
 
     dt = tl.load(dt_ptr)
-    # e · dt / N: the energy's gradient per point and unit |v|²/2.
-    e_coef = tl.load(ge_ptr) * dt / N
+    # dLoss/dv = 2 · dLoss/dS · v.
+    e_coef = 2 * tl.load(gs_ptr)
 
     for tile in range(pid, num_tiles, num_progs):
         rows = tl.cast(tile, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -370,10 +372,12 @@ def forward(
     dt: float,
     activation: str,
     *,
+    save_states: bool = True,
     block_n: int | None = None,
     block_h: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:  # (N, D), (L, N, D), ()
-    """The fused flow: (x at time 1, states with states[l] = input of block l, energy).
+) -> tuple[Tensor, Tensor, Tensor]:  # (N, D), (L, N, D) or (0, N, D), ()
+    """The fused flow: (x at time 1, states with states[l] = input of block l (empty unless save_states),
+    the kinetic sum S = Σ_l Σ_i |v_l(x_i^l)|²): the launcher contract of fastlddmm/ops/euler_flow.
 
     Contiguous tensors of one dtype (float32 or float64) on a CUDA device, or on the CPU under
     TRITON_INTERPRET=1. block_n / block_h override the tile sizes (powers of two; for tests).
@@ -381,7 +385,7 @@ def forward(
     layers, width, dim = _check_inputs(x, weight1, bias1, weight2, bias2, activation)
     _check_device(x)
     n = x.shape[0]
-    states = x.new_empty((layers, n, dim))
+    states = x.new_empty((layers if save_states else 0, n, dim))
     if layers == 0:
         return x.clone(), states, x.new_zeros(())
     bn, bh, bd, warps = _configs(n, width, dim, x.dtype, backward=False)
@@ -391,12 +395,11 @@ def forward(
     sq = x.new_empty((num_tiles,))
     dt_t = torch.full((1,), float(dt), dtype=x.dtype, device=x.device)  # see the module docstring
     _euler_flow_fwd_kernel[(num_tiles,)](
-        x, weight1, bias1, weight2, bias2, dt_t, out, states, sq,
+        x, weight1, bias1, weight2, bias2, dt_t, out, states if save_states else out, sq,
         n, layers, width, dim,
-        ACT=_ACT_CODE[activation], BLOCK_N=bn, BLOCK_H=bh, BLOCK_D=bd, num_warps=warps,
+        ACT=_ACT_CODE[activation], BLOCK_N=bn, BLOCK_H=bh, BLOCK_D=bd, STORE_STATES=save_states, num_warps=warps,
     )
-    energy = sq.sum() * (0.5 * float(dt) / n)
-    return out, states, energy
+    return out, states, sq.sum()
 
 
 @functools.lru_cache(maxsize=None)
@@ -414,7 +417,7 @@ def _num_programs(num_tiles: int, per_slot: int, device: torch.device) -> int:
 
 def backward(
     grad_x_final: Tensor | None,  # (N, D) or None (= zero)
-    grad_energy: Tensor | None,  # () or None (= zero)
+    grad_kinetic_sum: Tensor | None,  # () dLoss/dS, S = Σ_l Σ_i |v_l(x_i^l)|², or None (= zero)
     states: Tensor,  # (L, N, D)
     weight1: Tensor,  # (L, H, D)
     bias1: Tensor,  # (L, H)
@@ -427,7 +430,7 @@ def backward(
     block_h: int | None = None,
     num_programs: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # (N, D), then the parameters' shapes
-    """Gradients (x, weight1, bias1, weight2, bias2) of a loss given its gradients wrt (x_final, energy).
+    """Gradients (x, weight1, bias1, weight2, bias2) of a loss given its gradients wrt (x_final, S).
 
     Recomputes the hidden activations from states; deterministic for a given device and sizes.
     block_n / block_h / num_programs override the tiling (for tests).
@@ -443,11 +446,11 @@ def backward(
     if grad_x_final is None:
         grad_x_final = like.new_zeros((n, dim))
     _check("grad_x_final", grad_x_final, (n, dim), like)
-    if grad_energy is None:
-        grad_energy = like.new_zeros(())
-    if grad_energy.numel() != 1:
-        raise ValueError(f"grad_energy must be a scalar tensor, got shape {tuple(grad_energy.shape)}")
-    ge = grad_energy.detach().to(dtype=like.dtype, device=like.device).reshape(1).contiguous()
+    if grad_kinetic_sum is None:
+        grad_kinetic_sum = like.new_zeros(())
+    if grad_kinetic_sum.numel() != 1:
+        raise ValueError(f"grad_kinetic_sum must be a scalar tensor, got shape {tuple(grad_kinetic_sum.shape)}")
+    gs = grad_kinetic_sum.detach().to(dtype=like.dtype, device=like.device).reshape(1).contiguous()
 
     if layers == 0:
         return (grad_x_final.clone(), torch.zeros_like(weight1), torch.zeros_like(bias1),
@@ -463,7 +466,7 @@ def backward(
     partials = states.new_zeros((progs, layers * per_layer))
     dt_t = torch.full((1,), float(dt), dtype=states.dtype, device=states.device)
     _euler_flow_bwd_kernel[(progs,)](
-        grad_x_final, ge, states, weight1, bias1, weight2, bias2, dt_t, grad_x, partials,
+        grad_x_final, gs, states, weight1, bias1, weight2, bias2, dt_t, grad_x, partials,
         n, layers, width, dim, num_tiles,
         ACT=_ACT_CODE[activation], BLOCK_N=bn, BLOCK_H=bh, BLOCK_D=bd, num_warps=warps,
     )

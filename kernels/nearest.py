@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .softmin import _check_device, configs
+from .softmin import _check_device, configs, cpu_unavailable_reason  # noqa: F401  (the dispatch table asks)
 
 
 @triton.jit(do_not_specialize=["N", "M"])

@@ -1,6 +1,7 @@
 // The fused ResNet-LDDMM Euler flow: L residual blocks x^{l+1} = x^l + dt * v_l(x^l),
 // v_l(x) = W2_l rho(W1_l x + b1_l) + b2_l, and the kinetic energy
-// energy = 1/2 * dt * sum_l sum_i |v_l(x_i^l)|^2 / N.
+// the kinetic sum S = sum_l sum_i |v_l(x_i^l)|^2. The op (fastlddmm/ops/euler_flow) turns S into the
+// energy 1/2 * dt * S / N, once for every backend; the kernels never scale it.
 // The ground truth is fastlddmm/reference/flow.py; the Python launchers are fastlddmm/ops/_euler_flow_*.py.
 //
 // Every function works on raw, C-contiguous buffers of one dtype (float or double) allocated by the
@@ -43,18 +44,18 @@ struct FlowSizes {
 // Returns (written into caller buffers):
 //   x_final:  (N, D)    the points after L steps
 //   states:   (L, N, D) states[l] = x^l, the input of block l; may be null (nothing saved, for inference)
-//   energy:   (1,)      1/2 dt sum_l sum_i |v_l(x_i^l)|^2 / N (summed per tile in double, tiles in order:
+//   kinetic_sum: (1,) double  S = sum_l sum_i |v_l(x_i^l)|^2 (summed per tile in double, tiles in order:
 //                       deterministic whatever the thread count)
 template <typename scalar_t>
 void euler_flow_forward_cpu(const scalar_t* x, const scalar_t* weight1, const scalar_t* bias1,
                             const scalar_t* weight2, const scalar_t* bias2, scalar_t dt, Activation act,
                             FlowSizes sizes, int num_threads, scalar_t* x_final, scalar_t* states,
-                            scalar_t* energy);
+                            double* kinetic_sum);
 
 // Backward pass (recomputes z, h, v of each layer from states; never stores N*H values).
 // Args:
 //   grad_x_final: (N, D)  dLoss/dx_final
-//   grad_energy:  scalar  dLoss/denergy
+//   grad_kinetic_sum: scalar  dLoss/dS (the op passes dLoss/denergy * dt / (2N))
 //   states:       (L, N, D) from the forward pass
 //   weight1 .. bias2, dt, act, num_threads as in the forward pass
 // Returns (written into caller buffers, every one fully overwritten):
@@ -63,7 +64,7 @@ void euler_flow_forward_cpu(const scalar_t* x, const scalar_t* weight1, const sc
 //                 tile sums (<= 64 points, scalar_t) added into per-thread double partials, then reduced
 //                 in thread order: deterministic for a fixed thread count.
 template <typename scalar_t>
-void euler_flow_backward_cpu(const scalar_t* grad_x_final, scalar_t grad_energy, const scalar_t* states,
+void euler_flow_backward_cpu(const scalar_t* grad_x_final, scalar_t grad_kinetic_sum, const scalar_t* states,
                              const scalar_t* weight1, const scalar_t* bias1, const scalar_t* weight2,
                              const scalar_t* bias2, scalar_t dt, Activation act, FlowSizes sizes,
                              int num_threads, scalar_t* grad_x, scalar_t* grad_weight1, scalar_t* grad_bias1,
@@ -77,8 +78,8 @@ void euler_flow_backward_cpu(const scalar_t* grad_x_final, scalar_t grad_energy,
 // in shared memory, then with global atomics (so not bitwise deterministic).
 // Supports D <= kCudaMaxDim (the point stays in registers).
 // Extra argument of the forward pass:
-//   energy_acc: (1,) double, zeroed by the caller; receives sum_l sum_i |v|^2 (not yet scaled)
-// The backward pass reads grad_energy from a device pointer (1,) (no host sync), and its gradient
+//   kinetic_sum: (1,) double, zeroed by the caller; receives S = sum_l sum_i |v|^2 (accumulated with atomics)
+// The backward pass reads grad_kinetic_sum (dLoss/dS) from a device pointer (1,) (no host sync), and its gradient
 // buffers for the weights and biases must be zeroed by the caller (they are accumulated).
 // Errors (launch failures, D too large) throw std::runtime_error.
 // ---------------------------------------------------------------------------------------------
@@ -89,11 +90,11 @@ bool cuda_compiled();
 template <typename scalar_t>
 void euler_flow_forward_cuda(const scalar_t* x, const scalar_t* weight1, const scalar_t* bias1,
                              const scalar_t* weight2, const scalar_t* bias2, scalar_t dt, Activation act,
-                             FlowSizes sizes, scalar_t* x_final, scalar_t* states, double* energy_acc,
+                             FlowSizes sizes, scalar_t* x_final, scalar_t* states, double* kinetic_sum,
                              std::uintptr_t stream);
 
 template <typename scalar_t>
-void euler_flow_backward_cuda(const scalar_t* grad_x_final, const scalar_t* grad_energy, const scalar_t* states,
+void euler_flow_backward_cuda(const scalar_t* grad_x_final, const scalar_t* grad_kinetic_sum, const scalar_t* states,
                               const scalar_t* weight1, const scalar_t* bias1, const scalar_t* weight2,
                               const scalar_t* bias2, scalar_t dt, Activation act, FlowSizes sizes,
                               scalar_t* grad_x, scalar_t* grad_weight1, scalar_t* grad_bias1,

@@ -139,7 +139,7 @@ void block_forward(const T* w1, const T* b1, const T* w2, const T* b2, int64_t d
 
 template <typename T, Activation A>
 void forward_impl(const T* x, const T* weight1, const T* bias1, const T* weight2, const T* bias2, T dt,
-                  FlowSizes s, int num_threads, T* x_final, T* states, T* energy) {
+                  FlowSizes s, int num_threads, T* x_final, T* states, double* kinetic_sum) {
   const int64_t N = s.n, D = s.dim, H = s.width, L = s.layers;
   const int64_t tile = tile_size<T>(H);
   const int64_t ntiles = (N + tile - 1) / tile;
@@ -174,11 +174,11 @@ void forward_impl(const T* x, const T* weight1, const T* bias1, const T* weight2
   }
   double total = 0.0;
   for (double e : tile_energy) total += e;
-  energy[0] = static_cast<T>(0.5 * static_cast<double>(dt) * total / static_cast<double>(N));
+  kinetic_sum[0] = total;
 }
 
 template <typename T, Activation A>
-void backward_impl(const T* grad_x_final, T grad_energy, const T* states, const T* weight1, const T* bias1,
+void backward_impl(const T* grad_x_final, T grad_kinetic_sum, const T* states, const T* weight1, const T* bias1,
                    const T* weight2, const T* bias2, T dt, FlowSizes s, int num_threads, T* grad_x,
                    T* grad_weight1, T* grad_bias1, T* grad_weight2, T* grad_bias2) {
   const int64_t N = s.n, D = s.dim, H = s.width, L = s.layers;
@@ -190,8 +190,8 @@ void backward_impl(const T* grad_x_final, T grad_energy, const T* states, const 
   const int64_t o_gb1 = L * H * D, o_gw2 = o_gb1 + L * H, o_gb2 = o_gw2 + L * D * H;
   const int64_t psize = o_gb2 + L * D;
   std::vector<double> partial(static_cast<size_t>(threads * psize), 0.0);
-  // dLoss/dv_i from the energy term: e * dt / N * v_i.
-  const T ce = static_cast<T>(static_cast<double>(grad_energy) * static_cast<double>(dt) / static_cast<double>(N));
+  // dLoss/dv_i from the kinetic term S = sum_l sum_i |v_l(x_i)|^2: 2 * dLoss/dS * v_i.
+  const T ce = static_cast<T>(2.0 * static_cast<double>(grad_kinetic_sum));
 
 #pragma omp parallel num_threads(threads)
   {
@@ -270,38 +270,38 @@ template <typename scalar_t>
 void euler_flow_forward_cpu(const scalar_t* x, const scalar_t* weight1, const scalar_t* bias1,
                             const scalar_t* weight2, const scalar_t* bias2, scalar_t dt, Activation act,
                             FlowSizes sizes, int num_threads, scalar_t* x_final, scalar_t* states,
-                            scalar_t* energy) {
+                            double* kinetic_sum) {
   switch (act) {
     case Activation::kRelu:
       return forward_impl<scalar_t, Activation::kRelu>(x, weight1, bias1, weight2, bias2, dt, sizes, num_threads,
-                                                       x_final, states, energy);
+                                                       x_final, states, kinetic_sum);
     case Activation::kTanh:
       return forward_impl<scalar_t, Activation::kTanh>(x, weight1, bias1, weight2, bias2, dt, sizes, num_threads,
-                                                       x_final, states, energy);
+                                                       x_final, states, kinetic_sum);
     case Activation::kSoftplus:
       return forward_impl<scalar_t, Activation::kSoftplus>(x, weight1, bias1, weight2, bias2, dt, sizes,
-                                                           num_threads, x_final, states, energy);
+                                                           num_threads, x_final, states, kinetic_sum);
   }
   throw std::invalid_argument("unknown activation");
 }
 
 template <typename scalar_t>
-void euler_flow_backward_cpu(const scalar_t* grad_x_final, scalar_t grad_energy, const scalar_t* states,
+void euler_flow_backward_cpu(const scalar_t* grad_x_final, scalar_t grad_kinetic_sum, const scalar_t* states,
                              const scalar_t* weight1, const scalar_t* bias1, const scalar_t* weight2,
                              const scalar_t* bias2, scalar_t dt, Activation act, FlowSizes sizes,
                              int num_threads, scalar_t* grad_x, scalar_t* grad_weight1, scalar_t* grad_bias1,
                              scalar_t* grad_weight2, scalar_t* grad_bias2) {
   switch (act) {
     case Activation::kRelu:
-      return backward_impl<scalar_t, Activation::kRelu>(grad_x_final, grad_energy, states, weight1, bias1, weight2,
+      return backward_impl<scalar_t, Activation::kRelu>(grad_x_final, grad_kinetic_sum, states, weight1, bias1, weight2,
                                                         bias2, dt, sizes, num_threads, grad_x, grad_weight1,
                                                         grad_bias1, grad_weight2, grad_bias2);
     case Activation::kTanh:
-      return backward_impl<scalar_t, Activation::kTanh>(grad_x_final, grad_energy, states, weight1, bias1, weight2,
+      return backward_impl<scalar_t, Activation::kTanh>(grad_x_final, grad_kinetic_sum, states, weight1, bias1, weight2,
                                                         bias2, dt, sizes, num_threads, grad_x, grad_weight1,
                                                         grad_bias1, grad_weight2, grad_bias2);
     case Activation::kSoftplus:
-      return backward_impl<scalar_t, Activation::kSoftplus>(grad_x_final, grad_energy, states, weight1, bias1,
+      return backward_impl<scalar_t, Activation::kSoftplus>(grad_x_final, grad_kinetic_sum, states, weight1, bias1,
                                                             weight2, bias2, dt, sizes, num_threads, grad_x,
                                                             grad_weight1, grad_bias1, grad_weight2, grad_bias2);
   }
@@ -309,7 +309,7 @@ void euler_flow_backward_cpu(const scalar_t* grad_x_final, scalar_t grad_energy,
 }
 
 template void euler_flow_forward_cpu<float>(const float*, const float*, const float*, const float*, const float*,
-                                            float, Activation, FlowSizes, int, float*, float*, float*);
+                                            float, Activation, FlowSizes, int, float*, float*, double*);
 template void euler_flow_forward_cpu<double>(const double*, const double*, const double*, const double*,
                                              const double*, double, Activation, FlowSizes, int, double*, double*,
                                              double*);

@@ -81,7 +81,7 @@ template <typename T, Activation A, int MAXD>
 __global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ weight1, const T* __restrict__ bias1,
                                const T* __restrict__ weight2, const T* __restrict__ bias2, T dt, int64_t N, int D,
                                int H, int L, T* __restrict__ x_final, T* __restrict__ states,
-                               double* __restrict__ energy_acc) {
+                               double* __restrict__ kinetic_sum) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool active = i < N;
   T p[MAXD], v[MAXD];
@@ -112,11 +112,11 @@ __global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ we
   // Inactive lanes contribute e = 0 (their padded point is never read back).
   if (!active) e = 0.0;
   e = warp_sum(e);
-  if ((threadIdx.x & 31) == 0) atomicAdd(energy_acc, e);
+  if ((threadIdx.x & 31) == 0) atomicAdd(kinetic_sum, e);
 }
 
 template <typename T, Activation A, int MAXD>
-__global__ void backward_kernel(const T* __restrict__ grad_x_final, const T* __restrict__ grad_energy,
+__global__ void backward_kernel(const T* __restrict__ grad_x_final, const T* __restrict__ grad_kinetic_sum,
                                 const T* __restrict__ states, const T* __restrict__ weight1,
                                 const T* __restrict__ bias1, const T* __restrict__ weight2,
                                 const T* __restrict__ bias2, T dt, int64_t N, int D, int H, int L,
@@ -129,7 +129,7 @@ __global__ void backward_kernel(const T* __restrict__ grad_x_final, const T* __r
 
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool active = i < N;
-  const T ce = grad_energy[0] * dt / static_cast<T>(N);
+  const T ce = T(2) * grad_kinetic_sum[0];  // dLoss/dv = 2 dLoss/dS v, S = sum_l sum_i |v|^2
   T g[MAXD], p[MAXD], v[MAXD], gv[MAXD];
 #pragma unroll
   for (int d = 0; d < MAXD; ++d) g[d] = (active && d < D) ? grad_x_final[i * D + d] : T(0);
@@ -234,7 +234,7 @@ void dispatch(Activation act, int64_t dim, F&& f) {
 template <typename scalar_t>
 void euler_flow_forward_cuda(const scalar_t* x, const scalar_t* weight1, const scalar_t* bias1,
                              const scalar_t* weight2, const scalar_t* bias2, scalar_t dt, Activation act,
-                             FlowSizes sizes, scalar_t* x_final, scalar_t* states, double* energy_acc,
+                             FlowSizes sizes, scalar_t* x_final, scalar_t* states, double* kinetic_sum,
                              std::uintptr_t stream) {
   check_sizes(sizes);
   const auto cu_stream = reinterpret_cast<cudaStream_t>(stream);
@@ -243,13 +243,13 @@ void euler_flow_forward_cuda(const scalar_t* x, const scalar_t* weight1, const s
     forward_kernel<scalar_t, decltype(a)::value, decltype(maxd)::value>
         <<<static_cast<unsigned>(blocks), kThreads, 0, cu_stream>>>(
             x, weight1, bias1, weight2, bias2, dt, sizes.n, static_cast<int>(sizes.dim),
-            static_cast<int>(sizes.width), static_cast<int>(sizes.layers), x_final, states, energy_acc);
+            static_cast<int>(sizes.width), static_cast<int>(sizes.layers), x_final, states, kinetic_sum);
   });
   check_launch("euler_flow forward kernel");
 }
 
 template <typename scalar_t>
-void euler_flow_backward_cuda(const scalar_t* grad_x_final, const scalar_t* grad_energy, const scalar_t* states,
+void euler_flow_backward_cuda(const scalar_t* grad_x_final, const scalar_t* grad_kinetic_sum, const scalar_t* states,
                               const scalar_t* weight1, const scalar_t* bias1, const scalar_t* weight2,
                               const scalar_t* bias2, scalar_t dt, Activation act, FlowSizes sizes,
                               scalar_t* grad_x, scalar_t* grad_weight1, scalar_t* grad_bias1,
@@ -264,7 +264,7 @@ void euler_flow_backward_cuda(const scalar_t* grad_x_final, const scalar_t* grad
   dispatch(act, sizes.dim, [&](auto a, auto maxd) {
     backward_kernel<scalar_t, decltype(a)::value, decltype(maxd)::value>
         <<<static_cast<unsigned>(blocks), kThreads, smem, cu_stream>>>(
-            grad_x_final, grad_energy, states, weight1, bias1, weight2, bias2, dt, sizes.n,
+            grad_x_final, grad_kinetic_sum, states, weight1, bias1, weight2, bias2, dt, sizes.n,
             static_cast<int>(sizes.dim), static_cast<int>(sizes.width), static_cast<int>(sizes.layers), grad_x,
             grad_weight1, grad_bias1, grad_weight2, grad_bias2, use_shared);
   });

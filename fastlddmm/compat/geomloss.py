@@ -54,80 +54,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _backend
 from ..distances import sinkhorn as _fl_sinkhorn
 from ..distances import sinkhorn_potentials as _fl_sinkhorn_potentials
+from ..ops import kernel_sum as _kernel_sum
+from ..ops.kernel_sum import KERNELS as KERNEL_LOSSES
 
 LOSSES = ("sinkhorn", "hausdorff", "energy", "gaussian", "laplacian")
-KERNEL_LOSSES = ("energy", "gaussian", "laplacian")
 GEOMLOSS_BACKENDS = ("auto", "tensorized", "online", "multiscale")
 _BACKEND_MAP = {"auto": "auto", "tensorized": "reference", "online": "keops", "reference": "reference", "keops": "keops",
                 "triton": "triton"}  # triton: the streaming Sinkhorn kernels (CUDA, or TRITON_INTERPRET=1)
 
-# GeomLoss's floor on squared (scaled) distances under a square root ("tensorized" backend).
-SQDIST_FLOOR = 1e-8
-# GeomLoss's "auto" uses dense matrices while N·M <= 5000²; we switch kernels to KeOps at the same size.
-_KERNEL_DENSE_MAX_PAIRS = 5000**2
 _DEFAULT_TRUNCATE = 5
 
 
 # ------------------------------------------------------------------------------------------------
-# Kernel norms: dense reference and KeOps path
+# Kernel norms, on the kernel_sum op (fastlddmm/ops/kernel_sum)
 # ------------------------------------------------------------------------------------------------
-
-
-def _kernel_params(name: str, blur: float) -> tuple[float, float, float, float, float]:
-    """(q, s, g, l, e) of the unified kernel k = s·exp(-g·d² - l·r) - e·r, r = sqrt(max(q·d², 1e-8)).
-
-    One formula for the three kernels, so that KeOps compiles it once per dtype and dimension:
-    gaussian s=1, g=1/(2 blur²); laplacian q=1/blur², s=1, l=1; energy q=1, e=1.
-    """
-    if name == "gaussian":
-        return 1.0, 1.0, 1.0 / (2 * blur**2), 0.0, 0.0
-    if name == "laplacian":
-        return 1.0 / blur**2, 1.0, 0.0, 1.0, 0.0
-    if name == "energy":
-        return 1.0, 0.0, 0.0, 0.0, 1.0
-    raise ValueError(f"unknown kernel loss {name!r}; expected one of {KERNEL_LOSSES}")
-
-
-def kernel_matrix(name: str, x: Tensor, y: Tensor, blur: float) -> Tensor:  # (B, N, D), (B, M, D) -> (B, N, M)
-    """PyTorch implementation of the GeomLoss kernels k(x_i, y_j), from coordinate differences."""
-    d2 = (x.unsqueeze(-2) - y.unsqueeze(-3)).pow(2).sum(-1)
-    if name == "gaussian":
-        return (-d2 / (2 * blur**2)).exp()
-    if name == "laplacian":
-        return (-(d2 / blur**2).clamp_min(SQDIST_FLOOR).sqrt()).exp()
-    if name == "energy":
-        return -d2.clamp_min(SQDIST_FLOOR).sqrt()
-    raise ValueError(f"unknown kernel loss {name!r}; expected one of {KERNEL_LOSSES}")
-
-
-def _kernel_apply_dense(name: str, x: Tensor, y: Tensor, b: Tensor, blur: float) -> Tensor:  # -> (B, N)
-    """Σ_j k(x_i, y_j) b_j with a dense (B, N, M) kernel matrix."""
-    return (kernel_matrix(name, x, y, blur) @ b.unsqueeze(-1)).squeeze(-1)
-
-
-def _kernel_apply_keops(name: str, x: Tensor, y: Tensor, b: Tensor, blur: float) -> Tensor:  # -> (B, N)
-    """Σ_j k(x_i, y_j) b_j as a KeOps Sum reduction (memory O(B·(N + M)))."""
-    from ..keops._lazy import lazy_tensor
-
-    LazyTensor = lazy_tensor()
-    q, s, g, l, e = (torch.tensor([v], dtype=x.dtype, device=x.device) for v in _kernel_params(name, blur))
-    floor = torch.tensor([SQDIST_FLOOR], dtype=x.dtype, device=x.device)
-    x_i = LazyTensor(x.contiguous()[:, :, None, :])  # (B, N, 1, D)
-    y_j = LazyTensor(y.contiguous()[:, None, :, :])  # (B, 1, M, D)
-    b_j = LazyTensor(b.contiguous()[:, None, :, None])  # (B, 1, M, 1)
-    q, s, g, l, e, floor = (LazyTensor(t) for t in (q, s, g, l, e, floor))
-    d2 = ((x_i - y_j) ** 2).sum(-1)
-    qd2 = q * d2
-    r = ((qd2 - floor).relu() + floor).sqrt()  # sqrt(max(q·d², floor)), as the dense reference
-    k = s * (-(g * d2) - l * r).exp() - e * r
-    return (k * b_j).sum(dim=2).squeeze(-1)  # (B, N)
-
-
-def _kernel_apply(backend: str):
-    return _kernel_apply_keops if backend == "keops" else _kernel_apply_dense
 
 
 def _half_with_double_grad(t: Tensor) -> Tensor:
@@ -143,15 +85,16 @@ def kernel_loss(
     b: Tensor,  # (B, M)
     y: Tensor,  # (B, M, D)
     blur: float,
-    backend: str = "reference",
+    backend: str = "auto",
 ) -> Tensor:  # (B,)
-    """½ αᵀK_xxα + ½ βᵀK_yyβ - αᵀK_xyβ, GeomLoss's kernel norm, on the "reference" or "keops" path."""
-    apply = _kernel_apply(backend)
+    """½ αᵀK_xxα + ½ βᵀK_yyβ - αᵀK_xyβ, GeomLoss's kernel norm, on the kernel_sum backend of ``backend``."""
+    impl = _kernel_sum.implementation(backend, x, y)
+    apply = impl.kernel_sum
     a_x = apply(name, x, x.detach(), a.detach(), blur)  # (B, N)
     b_y = apply(name, y, y.detach(), b.detach(), blur)  # (B, M)
     xx = _half_with_double_grad((a * a_x).sum(-1))
     yy = _half_with_double_grad((b * b_y).sum(-1))
-    if backend != "keops":
+    if impl.DIFFERENTIATES_Y:
         return xx + yy - (a * apply(name, x, y, b, blur)).sum(-1)
     # KeOps: αᵀK(x, y)β differentiated through its "i" variable only, once from each side, so that
     # every gradient is the one compiled formula d/dx_i (a gradient in y_j would be a second one).
@@ -167,10 +110,10 @@ def kernel_potentials(
     b: Tensor,  # (B, M)
     y: Tensor,  # (B, M, D)
     blur: float,
-    backend: str = "reference",
+    backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:  # (B, N), (B, M)
     """GeomLoss's kernel "potentials": (K_xxα - K_xyβ, K_yyβ - K_yxα), the gradients in α and β."""
-    apply = _kernel_apply(backend)
+    apply = _kernel_sum.implementation(backend, x, y).kernel_sum
     f = apply(name, x, x, a, blur) - apply(name, x, y, b, blur)
     g = apply(name, y, y, b, blur) - apply(name, y, x, a, blur)
     return f, g
@@ -309,11 +252,7 @@ class SamplesLoss(torch.nn.Module):
     def _fl_backend(self, x: Tensor, y: Tensor) -> str:
         if self.backend == "multiscale":  # only reached where multiscale is exact (see __init__)
             return "keops"
-        name = _BACKEND_MAP[self.backend]
-        if name != "auto" or self.loss == "sinkhorn":
-            return name
-        pairs = x.shape[-2] * y.shape[-2]
-        return "keops" if pairs > _KERNEL_DENSE_MAX_PAIRS and _backend.status("keops").available else "reference"
+        return _BACKEND_MAP[self.backend]  # "auto": fastlddmm.dispatch decides, for every loss
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -329,10 +268,8 @@ class SamplesLoss(torch.nn.Module):
             return _fl_sinkhorn(x, y, **kw)
 
         # Kernel norms.
-        if backend not in ("reference", "keops"):
+        if backend not in ("auto", "reference", "keops"):
             raise ValueError(f"backend {backend!r} has no kernel loss; use 'auto', 'tensorized' or 'online'")
-        if backend == "keops":
-            _backend.require("keops", device=x.device)
         if x.dtype != y.dtype or a.dtype != x.dtype or b.dtype != y.dtype:
             raise TypeError(f"α, x, β, y must share one dtype, got {a.dtype}, {x.dtype}, {b.dtype}, {y.dtype}")
         if x.shape[-1] != y.shape[-1]:

@@ -5,7 +5,8 @@
     from fastlddmm.compat import knn_points, chamfer_distance   # after
 
 Same signatures, return types and values as pytorch3d (read from pytorch3d/ops/knn.py and
-pytorch3d/loss/chamfer.py, v0.7.x), plus a keyword-only ``backend=`` ("auto", "reference", "keops").
+pytorch3d/loss/chamfer.py, v0.7.x), plus a keyword-only ``backend=`` (a name of fl.backends() with a
+nearest-neighbour search: "auto", "reference", "kdtree", "keops", "triton"; fastlddmm/dispatch.py decides).
 Conventions followed (each one is tested against a brute-force twin in tests/test_compat.py):
 
 knn_points(p1, p2, lengths1=None, lengths2=None, norm=2, K=1, version=-1, return_nn=False,
@@ -53,74 +54,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backend
-from ..distances import nearest as _fl_nearest
+from .. import dispatch
+from ..ops import nearest as _nearest
 
 KNN = collections.namedtuple("KNN", "dists idx knn")
 
-_NORMS = (1, 2)
-# Dense search while an item has at most this many (i, j) pairs (as fl.nearest on the CPU); above,
-# KeOps (O(N + M) memory) when it is installed, else the dense search a block of rows at a time.
-_DENSE_MAX_PAIRS = 50_000
-# Bytes of one (rows, M, D) block of the dense search.
-_CHUNK_BYTES = 32 * 2**20
-
-
-# ------------------------------------------------------------------------------------------------
-# K nearest neighbour index finders: (x (N, D), y (M, D), K <= M, norm) -> (N, K) int64, sorted
-# ------------------------------------------------------------------------------------------------
-
-
-def _pair_dist(x: Tensor, y: Tensor, norm: int) -> Tensor:  # (..., D), (..., D) -> (...)
-    """pytorch3d's knn distance: squared L2 (norm=2) or L1 (norm=1), from coordinate differences."""
-    diff = x - y
-    return diff.pow(2).sum(-1) if norm == 2 else diff.abs().sum(-1)
-
-
-def knn_index_dense(x: Tensor, y: Tensor, K: int, norm: int) -> Tensor:  # (N, D), (M, D) -> (N, K)
-    """Dense torch.topk over |x_i - y_j|, a block of rows of x at a time (O(rows·M) memory)."""
-    x, y = x.detach(), y.detach()
-    rows = max(1, _CHUNK_BYTES // max(1, y.shape[0] * y.shape[1] * y.element_size()))
-    out = []
-    for i in range(0, x.shape[0], rows):
-        d = _pair_dist(x[i : i + rows, None, :], y[None, :, :], norm)  # (rows, M)
-        out.append(d.topk(K, dim=1, largest=False, sorted=True).indices)
-    return torch.cat(out) if out else x.new_zeros((0, K), dtype=torch.int64)
-
-
-def knn_index_keops(x: Tensor, y: Tensor, K: int, norm: int) -> Tensor:  # (N, D), (M, D) -> (N, K)
-    """KeOps ArgKMin_j |x_i - y_j| (sorted by distance), without forming the (N, M) matrix."""
-    from ..keops._lazy import lazy_tensor
-
-    LazyTensor = lazy_tensor()
-    with torch.no_grad():
-        x_i = LazyTensor(x.detach().contiguous()[:, None, :])  # (N, 1, D)
-        y_j = LazyTensor(y.detach().contiguous()[None, :, :])  # (1, M, D)
-        diff = x_i - y_j
-        d = (diff**2).sum(-1) if norm == 2 else diff.abs().sum(-1)
-        index = d.argKmin(K, dim=1)  # (N, K)
-    return index.reshape(x.shape[0], K).to(torch.int64)
-
-
-def _index_finder(backend: str, x: Tensor, y: Tensor, K: int, norm: int):
-    """The K-NN finder for one item (x (N, D), y (M, D)) under ``backend``."""
-    if backend == "reference":
-        return knn_index_dense
-    if backend == "keops":
-        return knn_index_keops
-    # auto: fl.nearest's own choice (dense, cKDTree or KeOps) for the plain nearest neighbour.
-    if K == 1 and norm == 2:
-        return lambda x, y, K, norm: _fl_nearest(x, y, backend="auto")[1].unsqueeze(-1)
-    if x.shape[0] * y.shape[0] > _DENSE_MAX_PAIRS and _backend.status("keops").available:
-        return knn_index_keops
-    return knn_index_dense
-
-
-def _check_backend(backend: str, device: torch.device) -> None:
-    if backend not in ("auto", "reference", "keops"):
-        raise ValueError(f"backend must be 'auto', 'reference' or 'keops', got {backend!r}")
-    if backend == "keops":
-        _backend.require("keops", device=device)
+_NORMS = _nearest.NORMS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,9 +142,9 @@ def knn_points(
 ) -> KNN:  # dists (N, P1, K), idx (N, P1, K) int64, knn (N, P1, K, D) or None
     """The K nearest neighbours in p2 of each point of p1, with pytorch3d's conventions (module docstring).
 
-    Only the indices come from the search (dense topk, KeOps ArgKMin, or fl.nearest for K = 1);
-    the distances are then recomputed in PyTorch from the gathered points, so they are exact and
-    differentiable in p1 and p2 whichever backend found the neighbours.
+    Only the indices come from the search (fastlddmm/ops/nearest: the backend fastlddmm.dispatch picks, or
+    the one named); the distances are then recomputed in PyTorch from the gathered points, so they are
+    exact and differentiable in p1 and p2 whichever backend found the neighbours.
     """
     _check_cloud(p1, "p1")
     _check_cloud(p2, "p2")
@@ -214,24 +153,16 @@ def knn_points(
         raise ValueError(f"norm must be 1 or 2, got {norm!r}")
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise ValueError(f"K must be a positive integer, got {K!r}")
-    _check_backend(backend, p1.device)
+    dispatch.check_name(backend)
     lengths1 = _check_lengths(lengths1, "lengths1", p1)
     lengths2 = _check_lengths(lengths2, "lengths2", p2)
     N, P1, _ = p1.shape
 
-    idx = torch.zeros((N, P1, K), dtype=torch.int64, device=p1.device)
-    for n, (l1, l2) in enumerate(zip(lengths1.tolist(), lengths2.tolist())):
-        k = min(K, l2)
-        if l1 == 0 or k == 0:
-            continue
-        x, y = p1[n, :l1], p2[n, :l2]
-        idx[n, :l1, :k] = _index_finder(backend, x, y, k, norm)(x, y, k, norm)
-
+    idx = _nearest.knn_index(p1, p2, k=K, norm=norm, x_lengths=lengths1, y_lengths=lengths2, backend=backend)
     valid = (torch.arange(P1, device=p1.device)[None, :, None] < lengths1[:, None, None]) & (
         torch.arange(K, device=p1.device)[None, None, :] < lengths2[:, None, None]
     )  # (N, P1, K)
-    near = p2.gather(1, idx.reshape(N, P1 * K, 1).expand(-1, -1, p2.shape[2])).reshape(N, P1, K, -1)
-    dists = torch.where(valid, _pair_dist(p1[:, :, None, :], near, norm), p1.new_zeros(()))
+    dists = torch.where(valid, _nearest.gather_distances(p1, p2, idx, norm), p1.new_zeros(()))
     knn = knn_gather(p2, idx, lengths2) if return_nn else None
     return KNN(dists=dists, idx=idx, knn=knn)
 
@@ -337,7 +268,7 @@ def chamfer_distance(
     _check_cloud(x, "x")
     _check_cloud(y, "y")
     _check_pair(x, y, "x", "y")
-    _check_backend(backend, x.device)
+    dispatch.check_name(backend)
     x_lengths = _check_lengths(x_lengths, "x_lengths", x)
     y_lengths = _check_lengths(y_lengths, "y_lengths", y)
     for normals, points, name in ((x_normals, x, "x_normals"), (y_normals, y, "y_normals")):

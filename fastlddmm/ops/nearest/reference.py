@@ -1,8 +1,10 @@
-"""PyTorch implementations of the nearest-neighbour, Chamfer and L2 data terms.
+"""The ``reference`` backend of nearest, and the PyTorch twins of the nearest-neighbour, Chamfer and L2
+data terms.
 
-Dense and obviously correct: they form the full (N, M) matrix of squared distances as
-``((x_i - y_j)**2).sum(-1)`` (differences, not the |x|² + |y|² - 2 x·y expansion, so clouds far from
-the origin keep their float32 accuracy). Memory O(B·N·M): for ground truth and small inputs.
+Dense and obviously correct: they form the matrix of squared distances as ``((x_i - y_j)**2).sum(-1)``
+(differences, not the |x|² + |y|² - 2 x·y expansion, so clouds far from the origin keep their float32
+accuracy). The twins of fl.nearest / fl.chamfer take memory O(B·N·M); ``knn_index`` (the backend) works a
+block of rows at a time, O(rows·M).
 """
 
 from __future__ import annotations
@@ -10,10 +12,40 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import pair_distance, per_item
+
+# Bytes of one (rows, M, D) block of the dense search.
+CHUNK_BYTES = 32 * 2**20
+
 
 def squared_distances(x: Tensor, y: Tensor) -> Tensor:  # x: (..., N, D), y: (..., M, D) -> (..., N, M)
     """|x_i - y_j|² for every pair."""
     return (x.unsqueeze(-2) - y.unsqueeze(-3)).pow(2).sum(-1)
+
+
+def _knn_item(x: Tensor, y: Tensor, k: int, norm: int) -> Tensor:  # (n, D), (m, D) -> (n, k)
+    rows = max(1, CHUNK_BYTES // max(1, y.shape[0] * y.shape[1] * y.element_size()))
+    out = []
+    for i in range(0, x.shape[0], rows):
+        d = pair_distance(x[i : i + rows, None, :], y[None, :, :], norm)  # (rows, m)
+        if k == 1:  # min, as the twins below (the same tie-break)
+            out.append(d.min(dim=1).indices.unsqueeze(1))
+        else:
+            out.append(d.topk(k, dim=1, largest=False, sorted=True).indices)
+    return torch.cat(out)
+
+
+def knn_index(
+    x: Tensor,  # (B, N, D)
+    y: Tensor,  # (B, M, D)
+    k: int,
+    norm: int,
+    x_lengths: Tensor | None = None,  # (B,)
+    y_lengths: Tensor | None = None,  # (B,)
+) -> Tensor:  # (B, N, k) int64
+    """PyTorch implementation of knn_index (the contract of fastlddmm/ops/nearest)."""
+    with torch.no_grad():
+        return per_item(_knn_item, x, y, k, norm, x_lengths, y_lengths)
 
 
 def _mask_columns(d2: Tensor, y_lengths: Tensor | None) -> Tensor:

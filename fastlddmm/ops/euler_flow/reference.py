@@ -1,4 +1,5 @@
-"""PyTorch implementation of the ResNet-LDDMM Euler flow: the ground truth of every fast path.
+"""The ``reference`` backend of euler_flow: PyTorch implementation of the ResNet-LDDMM Euler flow, the
+ground truth of every fast path (autograd gives its gradients; any float dtype, any device).
 
 The model (Amor, Arguillère, Shao, "ResNet-LDDMM: Advancing the LDDMM Framework Using Deep
 Residual Networks", arXiv 2102.07951, Sec. 3-4 and the experiments section) is a stack of L

@@ -1,10 +1,22 @@
-"""fl.ops.euler_flow: the whole ResNet-LDDMM flow (L Euler steps + kinetic energy) as one op.
+"""The euler_flow op: the whole ResNet-LDDMM flow (L Euler steps + kinetic energy) as one op.
 
-Backends:
-    reference  autograd through fastlddmm.reference.flow (any float dtype, any device; the ground truth)
-    cpu        compiled C++/OpenMP kernels (fastlddmm._C, csrc/euler_flow/euler_flow_cpu.cpp)
-    cuda       compiled CUDA kernels (fastlddmm._C built with FASTLDDMM_CUDA, csrc/euler_flow/euler_flow_cuda.cu)
-    triton     Triton kernels (fastlddmm.kernels.euler_flow; CPU tensors only under TRITON_INTERPRET=1)
+The room (one op, its twin and every backend side by side; which one runs is decided in
+fastlddmm/dispatch.py, ``choose_euler_flow``):
+
+    reference.py    the PyTorch twin (autograd through L explicit steps; any float dtype, any device)
+    cpu.py          launchers of csrc/euler_flow/euler_flow_cpu.cpp (C++/OpenMP)
+    cuda.py         launchers of csrc/euler_flow/euler_flow_cuda.cu (built where CMake found nvcc)
+    kernels/euler_flow.py (shipped as fastlddmm.kernels.euler_flow): the Triton kernels and their launchers
+
+The launcher contract, the same for cpu, cuda and triton (contiguous tensors of one dtype, N >= 1):
+
+    forward(x (N, D), weight1 (L, H, D), bias1 (L, H), weight2 (L, D, H), bias2 (L, D), dt, activation,
+            *, save_states) -> (x_final (N, D), states (L, N, D) or (0, N, D), kinetic_sum ())
+    backward(grad_x_final (N, D), grad_kinetic_sum (), states, weight1, bias1, weight2, bias2, dt,
+             activation) -> (grad_x, grad_weight1, grad_bias1, grad_weight2, grad_bias2)
+
+where states[l] is the input of block l and kinetic_sum S = Σ_l Σ_i |v_l(x_i^l)|². This module turns S
+into the energy ½ · dt · S / N (and dLoss/denergy into dLoss/dS), once for every backend.
 
 The fused paths store only the per-layer points (L·N·D values) for the backward pass and recompute the
 hidden activations there: memory O(N·L·D) instead of autograd's O(N·L·H). Without gradients (inference
@@ -24,94 +36,32 @@ derivative; use backend="reference" for second derivatives).
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 from torch import Tensor
 
-from .. import _backend as _backends
-from .._validation import FLOAT_DTYPES, check_choice
-from ..reference import flow as _ref
+from ... import dispatch
+from ..._validation import check_choice
+from . import reference
+from .reference import ACTIVATIONS
 
-# Each fast path's launcher module provides forward(...) and backward(...) with one contract
-# (see kernels/euler_flow.py). Imported lazily: triton is optional and slow to import.
-_LAUNCHERS = {
-    "cpu": "fastlddmm.ops._euler_flow_cpu",
-    "cuda": "fastlddmm.ops._euler_flow_cuda",
-    "triton": "fastlddmm.kernels.euler_flow",
-}
-FUSED_BACKENDS = tuple(_LAUNCHERS)
+FUSED_BACKENDS = tuple(name for name in dispatch.backends_for("euler_flow") if name != "reference")
 
 
 def _launcher(backend: str):
-    if backend not in _LAUNCHERS:
-        raise _backends.BackendUnavailableError(
-            f"backend {backend!r} has no euler_flow; use one of {('auto', 'reference', *FUSED_BACKENDS)}")
-    try:
-        return importlib.import_module(_LAUNCHERS[backend])
-    except ImportError as err:
-        raise _backends.BackendUnavailableError(
-            f"backend {backend!r}: its euler_flow kernels ({_LAUNCHERS[backend]}) could not be imported: {err}"
-        ) from err
-
-
-def _triton_importable() -> bool:
-    try:
-        _launcher("triton")
-    except _backends.BackendUnavailableError:
-        return False
-    return True
-
-
-# What is built and usable does not change while a program runs: torch.compile treats these answers as
-# constants instead of tracing the import machinery behind them (that keeps fullgraph=True possible).
-@torch.compiler.assume_constant_result
-def _usable(name: str) -> bool:
-    if name == "triton":
-        return bool(_backends.status("triton")) and _triton_importable()
-    return bool(_backends.status(name))
-
-
-@torch.compiler.assume_constant_result
-def _triton_interpret() -> bool:
-    return _backends.triton_interpret()
-
-
-@torch.compiler.assume_constant_result
-def _triton_cpu_reason() -> str:
-    """Why the Triton kernels cannot take CPU tensors in this process ("" when they can: the interpreter
-    must be on before triton is first imported, which the kernels module checks)."""
-    if not _triton_interpret():
-        return _backends.status("triton").reason
-    try:
-        reason_fn = getattr(_launcher("triton"), "cpu_unavailable_reason", None)
-    except _backends.BackendUnavailableError as err:
-        return str(err)
-    return (reason_fn() or "") if reason_fn is not None else ""
-
-
-@torch.compiler.assume_constant_result
-def _cuda_max_dim() -> int:
-    return _launcher("cuda").max_dim()
-
-
-@torch.compiler.assume_constant_result
-def _unavailable_reason(backend: str, device_type: str) -> str:
-    """Why ``backend`` cannot run on ``device_type`` tensors (the BackendUnavailableError message)."""
     if backend not in FUSED_BACKENDS:
-        return f"backend {backend!r} has no euler_flow; use one of {('auto', 'reference', *FUSED_BACKENDS)}"
-    try:
-        _backends.require(backend, device=torch.device(device_type))
-        _launcher(backend)
-    except _backends.BackendUnavailableError as err:
-        return str(err)
-    if backend == "triton" and device_type == "cpu" and _triton_cpu_reason():
-        return f"backend 'triton' got CPU tensors, but {_triton_cpu_reason()}"
-    return f"backend {backend!r} cannot run on {device_type} tensors"
+        raise dispatch.BackendUnavailableError(
+            f"backend {backend!r} has no fused euler_flow; use one of {FUSED_BACKENDS} (or 'auto', 'reference')")
+    return dispatch.load("euler_flow", backend)
 
 
-def _check_params(x: Tensor, weight1: Tensor, bias1: Tensor, weight2: Tensor, bias2: Tensor) -> None:
+def _energy_scale(dt: float, n: int) -> float:
+    """energy = scale · S, S = Σ_l Σ_i |v_l(x_i^l)|²: the only place the kinetic sum is finished."""
+    return 0.5 * float(dt) / n
+
+
+def check_params(x: Tensor, weight1: Tensor, bias1: Tensor, weight2: Tensor, bias2: Tensor) -> None:
     for name, t in (("weight1", weight1), ("bias1", bias1), ("weight2", weight2), ("bias2", bias2)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -121,54 +71,26 @@ def _check_params(x: Tensor, weight1: Tensor, bias1: Tensor, weight2: Tensor, bi
     expected = {"bias1": (layers, width), "weight2": (layers, dim, width), "bias2": (layers, dim)}
     for name, t in (("bias1", bias1), ("weight2", weight2), ("bias2", bias2)):
         if tuple(t.shape) != expected[name]:
-            raise ValueError(f"{name} must have shape {expected[name]} to match weight1 {tuple(weight1.shape)}, got {tuple(t.shape)}")
+            raise ValueError(f"{name} must have shape {expected[name]} to match weight1 {tuple(weight1.shape)}, "
+                             f"got {tuple(t.shape)}")
     if x.dim() < 1 or x.shape[-1] != dim:
-        raise ValueError(f"x must have points of dimension {dim} (shape (..., {dim})) to match the flow's weights, got {tuple(x.shape)}")
+        raise ValueError(f"x must have points of dimension {dim} (shape (..., {dim})) to match the flow's weights, "
+                         f"got {tuple(x.shape)}")
     for name, t in (("weight1", weight1), ("bias1", bias1), ("weight2", weight2), ("bias2", bias2)):
         if t.dtype != x.dtype or t.device != x.device:
             raise TypeError(f"{name} must have x's dtype and device ({x.dtype}, {x.device}), got ({t.dtype}, {t.device})")
-
-
-def _resolve_backend(backend: str, x: Tensor) -> str:
-    """The backend that will run: 'auto' picks the fastest available for x's device and dtype."""
-    fused_dtype = x.dtype in FLOAT_DTYPES
-    device = x.device.type
-    if backend == "reference":
-        return backend
-    if backend == "auto":
-        if not fused_dtype:
-            return "reference"
-        if device == "cpu":
-            return "cpu" if _usable("cpu") else "reference"
-        if device == "cuda":
-            if _usable("triton"):
-                return "triton"
-            if _usable("cuda") and x.shape[-1] <= _cuda_max_dim():
-                return "cuda"
-        return "reference"
-    on_device = device == backend or (
-        backend == "triton" and (device == "cuda" or (device == "cpu" and not _triton_cpu_reason())))
-    runs_here = backend in FUSED_BACKENDS and _usable(backend) and on_device
-    if not runs_here:
-        raise _backends.BackendUnavailableError(_unavailable_reason(backend, device))
-    if not fused_dtype:
-        raise TypeError(f"backend {backend!r} runs float32 or float64 tensors, got x of dtype {x.dtype} "
-                        f"(convert, or use backend='reference')")
-    if backend == "cuda" and x.shape[-1] > _cuda_max_dim():
-        raise ValueError(f"backend 'cuda' supports points of dimension D <= {_cuda_max_dim()}, "
-                         f"got D = {x.shape[-1]} (use backend='triton' or 'reference')")
-    return backend
 
 
 # ---------------------------------------------------------------------------------------------------
 # torch.library custom ops
 # ---------------------------------------------------------------------------------------------------
 
-def _check_op_inputs(x: Tensor, weight1: Tensor, bias1: Tensor, weight2: Tensor, bias2: Tensor) -> None:
+def _check_op_inputs(x: Tensor, weight1: Tensor, bias1: Tensor, weight2: Tensor, bias2: Tensor, activation: str) -> None:
     """The kernels read raw buffers: shapes are checked here too, for direct torch.ops callers."""
     if x.dim() != 2 or x.shape[0] == 0:
         raise ValueError(f"fastlddmm::euler_flow takes x of shape (N, D) with N >= 1, got {tuple(x.shape)}")
-    _check_params(x, weight1, bias1, weight2, bias2)
+    check_params(x, weight1, bias1, weight2, bias2)
+    check_choice(activation, "activation", ACTIVATIONS)
 
 
 @torch.library.custom_op("fastlddmm::euler_flow", mutates_args=())
@@ -183,16 +105,11 @@ def _euler_flow_op(
     backend: str,
     save_states: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # x_final (N, D), energy (), states (L or 0, N, D)
-    _check_op_inputs(x, weight1, bias1, weight2, bias2)
-    check_choice(activation, "activation", _ref.ACTIVATIONS)
+    _check_op_inputs(x, weight1, bias1, weight2, bias2, activation)
     params = [p.contiguous() for p in (weight1, bias1, weight2, bias2)]
-    launcher = _launcher(backend)
-    if backend == "triton":  # the Triton launcher always returns states (the shared contract)
-        x_final, states, energy = launcher.forward(x.contiguous(), *params, dt, activation)
-        if not save_states:
-            states = x.new_empty((0, *x.shape))
-    else:
-        x_final, states, energy = launcher.forward(x.contiguous(), *params, dt, activation, save_states=save_states)
+    x_final, states, kinetic_sum = _launcher(backend).forward(x.contiguous(), *params, dt, activation,
+                                                              save_states=save_states)
+    energy = (kinetic_sum * _energy_scale(dt, x.shape[0])).to(x.dtype)
     return x_final, energy, states
 
 
@@ -215,15 +132,14 @@ def _euler_flow_backward_op(
     activation: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # grad_x (N, D), then the params' shapes
-    _check_op_inputs(grad_x_final, weight1, bias1, weight2, bias2)
-    check_choice(activation, "activation", _ref.ACTIVATIONS)
+    _check_op_inputs(grad_x_final, weight1, bias1, weight2, bias2, activation)
     if tuple(states.shape) != (weight1.shape[0], *grad_x_final.shape):
         raise ValueError(f"states must have shape {(weight1.shape[0], *grad_x_final.shape)}, got {tuple(states.shape)}")
     params = [p.contiguous() for p in (weight1, bias1, weight2, bias2)]
+    grad_kinetic_sum = grad_energy.reshape(()).to(grad_x_final.dtype) * _energy_scale(dt, grad_x_final.shape[0])
     grads = _launcher(backend).backward(
         grad_x_final.contiguous(),  # e.g. the expanded ones of out.sum(): stride 0
-        grad_energy.reshape(()).to(grad_x_final.dtype),
-        states.contiguous(), *params, dt, activation,
+        grad_kinetic_sum, states.contiguous(), *params, dt, activation,
     )
     return tuple(grads)
 
@@ -263,7 +179,7 @@ _euler_flow_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------
-# public entry point
+# Public entry point
 # ---------------------------------------------------------------------------------------------------
 
 def euler_flow(
@@ -275,13 +191,16 @@ def euler_flow(
     dt: float,
     activation: str = "relu",
     backend: str = "auto",
+    *,
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor]:  # (..., D), ()
     """x moved by L residual Euler steps, and the kinetic energy ½ Σ_l dt · mean_i |v_l(x_i^l)|².
 
     Leading dimensions of x are points (a batch (B, N, D) is B·N points: the mean in the energy runs over
-    all of them). backend: "auto" (CPU tensors: "cpu" if fastlddmm._C is built; CUDA tensors: "triton",
-    else "cuda"; otherwise, or for dtypes other than float32/float64, "reference"), or a name, which
-    raises fastlddmm.BackendUnavailableError (saying why) when that backend cannot run here.
+    all of them). backend: "auto" (fastlddmm.dispatch decides: CPU tensors: "cpu" if fastlddmm._C is built;
+    CUDA tensors: "triton", else "cuda"; otherwise, or for dtypes other than float32/float64, "reference"),
+    or a name, which raises fastlddmm.BackendUnavailableError (saying why) when that backend cannot run here.
+    ``deterministic`` keeps "auto" off kernels that sum with atomics (bitwise-reproducible runs).
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -289,16 +208,17 @@ def euler_flow(
         raise TypeError(f"x must be a floating-point tensor (float32 or float64), got {x.dtype}")
     if isinstance(dt, bool) or not isinstance(dt, (int, float)) or not math.isfinite(dt):
         raise TypeError(f"dt must be a finite number (the Euler step, usually 1 / L), got {dt!r}")
-    check_choice(activation, "activation", _ref.ACTIVATIONS)
-    _backends.check_name(backend)
-    _check_params(x, weight1, bias1, weight2, bias2)
+    check_choice(activation, "activation", ACTIVATIONS)
+    dispatch.check_name(backend)
+    check_params(x, weight1, bias1, weight2, bias2)
     dim = x.shape[-1]
     if x.numel() == 0:
         raise ValueError(f"x is an empty point set (shape {tuple(x.shape)}): euler_flow needs at least one point")
 
-    chosen = _resolve_backend(backend, x)
+    chosen = dispatch.choose_euler_flow(backend, x.device.type, str(x.dtype).replace("torch.", ""), int(dim),
+                                        bool(deterministic))
     if chosen == "reference":
-        return _ref.euler_flow(x, weight1, bias1, weight2, bias2, dt, activation)
+        return reference.euler_flow(x, weight1, bias1, weight2, bias2, dt, activation)
 
     params = (weight1, bias1, weight2, bias2)
     # Only keep the per-layer states when a backward pass can follow.
@@ -307,3 +227,6 @@ def euler_flow(
         x.reshape(-1, dim).contiguous(), *(p.contiguous() for p in params), float(dt), activation, chosen,
         save_states)
     return x_final.reshape(x.shape), energy
+
+
+__all__ = ["ACTIVATIONS", "FUSED_BACKENDS", "check_params", "euler_flow", "reference"]

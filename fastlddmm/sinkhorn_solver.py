@@ -1,4 +1,10 @@
-"""PyTorch implementation of sinkhorn: the (debiased, possibly unbalanced) Sinkhorn divergence.
+"""The Sinkhorn solver that every backend runs: ε schedule, loop, divergence, potentials.
+
+Shared machinery, not a backend: it is written against the soft-min contract of fastlddmm/ops/softmin
+(``softmin.cost(query, ref)`` once per problem, ``softmin(eps, cost, h)`` and ``softmin.pair(...)`` per
+iteration), so backends differ in the soft-min only. fl.sinkhorn / fl.sinkhorn_potentials /
+fl.sinkhorn_projection run it with the soft-min fastlddmm.dispatch picks; fastlddmm.distributed runs it
+with a soft-min that reduces over every rank's shard (it passes its own ``x_ref``/``y_ref``).
 
 Same value and gradient conventions as GeomLoss ``SamplesLoss("sinkhorn", p, blur, scaling, reach,
 debias, backend="tensorized")``, so that a user can swap one for the other:
@@ -14,23 +20,20 @@ debias, backend="tensorized")``, so that a user can swap one for the other:
   autograd and one last, differentiable "extrapolation" step is taped; as in GeomLoss, the cost
   C(x_i, y_j) used to update the potential on x is differentiated with respect to x only.
 
-The loop (``sinkhorn_loop``) is generic over the soft-min ``softmin(eps, cost, h)``: here dense
-logsumexp over a (B, N, M) cost matrix; ``fastlddmm.keops.sinkhorn`` plugs in KeOps reductions.
-Memory of this dense version: O(B·(N + M)²).
+Memory: what the soft-min's cost objects take (the dense reference: O(B·(N + M)²); the streaming
+backends: O(B·(N + M))).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-P_VALUES = (1, 2)
-# GeomLoss's floor on squared distances under the p = 1 square root: a finite gradient at 0.
-P1_SQDIST_FLOOR = 1e-8
+P_VALUES = (1, 2)  # the cost |x - y|^p / p of every soft-min (fastlddmm/ops/softmin)
 # Log-weight given to zero-weight points (GeomLoss's convention; exp(-1e5) is an exact 0).
 ZERO_WEIGHT_LOG = -100000.0
 
@@ -74,14 +77,11 @@ def log_weights(a: Tensor) -> Tensor:  # (B, N) -> (B, N)
 # The generic loop and the cost formula
 # ------------------------------------------------------------------------------------------------
 
-Softmin = Callable[[float, object, Tensor], Tensor]  # (eps, cost, h: (B, M)) -> (B, N)
-
-
 def sinkhorn_loop(
-    softmin: Softmin,
+    softmin,  # an ops.softmin.Softmin: softmin(eps, cost, h) and softmin.pair(...)
     a_log: Tensor,  # (B, N) log-weights of x, no gradient
     b_log: Tensor,  # (B, M) log-weights of y, no gradient
-    c_xy: object,  # cost "x <- y" as softmin understands it (a (B, N, M) matrix, or point clouds)
+    c_xy: object,  # cost "x <- y" from softmin.cost (a (B, N, M) matrix, or the point clouds)
     c_yx: object,  # cost "y <- x"
     c_xx: object | None,  # cost "x <- x" (debias only)
     c_yy: object | None,  # cost "y <- y" (debias only)
@@ -92,7 +92,8 @@ def sinkhorn_loop(
     """Symmetric log-domain Sinkhorn with ε-scaling; returns the dual potentials of the a<->b
     problem (and of the a<->a, b<->b problems when debias).
 
-    ``softmin(eps, c_xy, h)`` must return ``f_i = -eps log Σ_j exp(h_j - C(x_i, y_j) / eps)``.
+    ``softmin(eps, c_xy, h)`` returns ``f_i = -eps log Σ_j exp(h_j - C(x_i, y_j) / eps)``; ``softmin.pair``
+    does the x <- y and y <- x reductions of one update together (a backend may share one pass over them).
     The iterations run without autograd; the final update is taped, with the previous potentials
     detached, so that gradients follow from the envelope theorem at O(N + M) extra memory.
     """
@@ -100,8 +101,8 @@ def sinkhorn_loop(
         eps = eps_list[0]
         damp = damping(eps, rho)
         # At eps = diameter^p the soft-min is nearly a weighted mean of the cost: a fair start.
-        g_ab = damp * softmin(eps, c_yx, a_log)
-        f_ba = damp * softmin(eps, c_xy, b_log)
+        f_ba, g_ab = softmin.pair(eps, c_xy, b_log, c_yx, a_log)
+        f_ba, g_ab = damp * f_ba, damp * g_ab
         if debias:
             f_aa = damp * softmin(eps, c_xx, a_log)
             g_bb = damp * softmin(eps, c_yy, b_log)
@@ -109,8 +110,8 @@ def sinkhorn_loop(
         for eps in eps_list:
             damp = damping(eps, rho)
             # Both potentials from the old pair, then averaged: symmetric updates.
-            ft_ba = damp * softmin(eps, c_xy, b_log + g_ab / eps)
-            gt_ab = damp * softmin(eps, c_yx, a_log + f_ba / eps)
+            ft_ba, gt_ab = softmin.pair(eps, c_xy, b_log + g_ab / eps, c_yx, a_log + f_ba / eps)
+            ft_ba, gt_ab = damp * ft_ba, damp * gt_ab
             if debias:
                 ft_aa = damp * softmin(eps, c_xx, a_log + f_aa / eps)
                 gt_bb = damp * softmin(eps, c_yy, b_log + g_bb / eps)
@@ -123,7 +124,8 @@ def sinkhorn_loop(
             h_xx, h_yy = a_log + f_aa / eps, b_log + g_bb / eps
 
     # Last extrapolation, taped: the only place where gradients enter.
-    f_ba, g_ab = damp * softmin(eps, c_xy, h_y), damp * softmin(eps, c_yx, h_x)
+    f_ba, g_ab = softmin.pair(eps, c_xy, h_y, c_yx, h_x)
+    f_ba, g_ab = damp * f_ba, damp * g_ab
     if not debias:
         return None, None, g_ab, f_ba
     f_aa, g_bb = damp * softmin(eps, c_xx, h_xx), damp * softmin(eps, c_yy, h_yy)
@@ -158,23 +160,14 @@ def sinkhorn_cost(
 
 
 # ------------------------------------------------------------------------------------------------
-# Dense (tensorized) soft-min and the public reference functions
+# Front-ends: one problem, any soft-min
 # ------------------------------------------------------------------------------------------------
 
 
-def cost_matrix(x: Tensor, y: Tensor, p: int) -> Tensor:  # x: (B, N, D), y: (B, M, D) -> (B, N, M)
-    """|x_i - y_j|^p / p, from coordinate differences (accurate far from the origin)."""
-    d2 = (x.unsqueeze(-2) - y.unsqueeze(-3)).pow(2).sum(-1)
-    if p == 2:
-        return d2 / 2
-    if p == 1:
-        return d2.clamp_min(P1_SQDIST_FLOOR).sqrt()
-    raise ValueError(f"p must be one of {P_VALUES}, got {p!r}")
-
-
-def softmin_dense(eps: float, c_xy: Tensor, h_y: Tensor) -> Tensor:  # c_xy: (B, N, M), h_y: (B, M) -> (B, N)
-    """f_i = -eps log Σ_j exp(h_j - C_ij / eps), as a dense logsumexp."""
-    return -eps * (h_y.unsqueeze(-2) - c_xy / eps).logsumexp(-1)
+def check_p(p) -> int:
+    if isinstance(p, bool) or p not in P_VALUES:
+        raise ValueError(f"p must be one of {P_VALUES}, got {p!r}")
+    return p
 
 
 def prepare(
@@ -195,10 +188,20 @@ def prepare(
     return x, y, a, b
 
 
+class Potentials(NamedTuple):
+    """What the loop leaves: the final temperature, rho, and the dual potentials."""
+
+    eps: float
+    rho: float | None
+    f_aa: Tensor | None  # (B, N) debias only
+    g_bb: Tensor | None  # (B, M) debias only
+    g_ab: Tensor  # (B, M)
+    f_ba: Tensor  # (B, N)
+
+
 def solve(
-    softmin: Softmin,
-    costs: Callable[[Tensor, Tensor], object],  # (x, y) -> cost object, y already detached
-    x: Tensor,  # (B, N, D)
+    softmin,  # an ops.softmin.Softmin for cost |x - y|^p / p
+    x: Tensor,  # (B, N, D) the query points of the x side (differentiable)
     y: Tensor,  # (B, M, D)
     a: Tensor,  # (B, N)
     b: Tensor,  # (B, M)
@@ -207,106 +210,49 @@ def solve(
     scaling: float,
     reach: float | None,
     debias: bool,
-) -> tuple[float, float | None, Tensor | None, Tensor | None, Tensor, Tensor]:  # eps, rho, f_aa, g_bb, g_ab, f_ba
-    """Runs sinkhorn_loop with any soft-min; shared by the dense reference and the KeOps backend."""
-    if p not in P_VALUES:
-        raise ValueError(f"p must be one of {P_VALUES}, got {p!r}")
+    *,
+    x_ref=None,  # what the soft-min reduces over on the x side (default x.detach(); a shard when sharded)
+    y_ref=None,  # the same on the y side
+) -> Potentials:
+    """Runs sinkhorn_loop with any soft-min: the solver of every backend, and of the sharded version."""
+    check_p(p)
     eps, rho = blur**p, (None if reach is None else reach**p)
     eps_list = epsilon_schedule(p, max_diameter(x, y), blur, scaling)
     # As in GeomLoss, the right-hand point cloud of every cost is detached (see sinkhorn_loop).
-    c_xy, c_yx = costs(x, y.detach()), costs(y, x.detach())
-    c_xx = costs(x, x.detach()) if debias else None
-    c_yy = costs(y, y.detach()) if debias else None
+    x_ref = x.detach() if x_ref is None else x_ref
+    y_ref = y.detach() if y_ref is None else y_ref
+    c_xy, c_yx = softmin.cost(x, y_ref), softmin.cost(y, x_ref)
+    c_xx = softmin.cost(x, x_ref) if debias else None
+    c_yy = softmin.cost(y, y_ref) if debias else None
     f_aa, g_bb, g_ab, f_ba = sinkhorn_loop(
-        softmin, log_weights(a), log_weights(b), c_xy, c_yx, c_xx, c_yy, eps_list, rho, debias
-    )
-    return eps, rho, f_aa, g_bb, g_ab, f_ba
+        softmin, log_weights(a), log_weights(b), c_xy, c_yx, c_xx, c_yy, eps_list, rho, debias)
+    return Potentials(eps, rho, f_aa, g_bb, g_ab, f_ba)
 
 
-def _dense_costs(p: int):
-    return lambda x, y: cost_matrix(x, y, p)
-
-
-def softmin_parts(p: int) -> tuple[Softmin, Callable[[Tensor, Tensor], object]]:
-    """(softmin, costs) of this backend for the shared loop: every Sinkhorn backend module has one, and
-    fl.sinkhorn / fl.sinkhorn_potentials / the sharded Sinkhorn run divergence_with(*softmin_parts(p), ...)."""
-    return softmin_dense, _dense_costs(p)
-
-
-def divergence_with(softmin, costs, x, y, a, b, blur, p, scaling, reach, debias) -> Tensor:  # () or (B,)
-    """The Sinkhorn divergence computed with a given soft-min (dense here, KeOps or Triton elsewhere):
-    one front-end for every backend, so they differ in the soft-min only."""
+def divergence(softmin, x, y, a, b, blur, p, scaling, reach, debias) -> Tensor:  # () or (B,)
+    """The Sinkhorn divergence of (a, x) and (b, y) ((N, D) or batched (B, N, D) inputs) with ``softmin``."""
     batched = x.dim() == 3
     x, y, a, b = prepare(x, y, a, b)
-    eps, rho, f_aa, g_bb, g_ab, f_ba = solve(softmin, costs, x, y, a, b, blur, p, scaling, reach, debias)
-    cost = sinkhorn_cost(eps, rho, a, b, f_aa, g_bb, g_ab, f_ba, debias)
+    pot = solve(softmin, x, y, a, b, blur, p, scaling, reach, debias)
+    cost = sinkhorn_cost(pot.eps, pot.rho, a, b, pot.f_aa, pot.g_bb, pot.g_ab, pot.f_ba, debias)
     return cost if batched else cost[0]
 
 
-def potentials_with(softmin, costs, x, y, a, b, blur, p, scaling, reach, debias) -> tuple[Tensor, Tensor]:
-    """GeomLoss's ``potentials=True`` output with a given soft-min:
-    (f_ba - f_aa, g_ab - g_bb) when debias else (f_ba, g_ab)."""
+def potentials(softmin, x, y, a, b, blur, p, scaling, reach, debias) -> tuple[Tensor, Tensor]:
+    """GeomLoss's ``potentials=True`` output with ``softmin``: (f_ba - f_aa, g_ab - g_bb) when debias,
+    else (f_ba, g_ab); (N,), (M,) or batched (B, N), (B, M)."""
     batched = x.dim() == 3
     x, y, a, b = prepare(x, y, a, b)
-    _, _, f_aa, g_bb, g_ab, f_ba = solve(softmin, costs, x, y, a, b, blur, p, scaling, reach, debias)
-    f, g = (f_ba - f_aa, g_ab - g_bb) if debias else (f_ba, g_ab)
+    pot = solve(softmin, x, y, a, b, blur, p, scaling, reach, debias)
+    f, g = (pot.f_ba - pot.f_aa, pot.g_ab - pot.g_bb) if debias else (pot.f_ba, pot.g_ab)
     return (f, g) if batched else (f[0], g[0])
 
 
-def projection_logits_with(softmin, costs, x, y, a, b, blur, p, scaling, reach):
-    """What every backend's barycentric projection needs: the batched (B, N, D) / (B, M, D) points,
-    eps, and h_j = log b_j + g_j / eps (differentiable through g), so that
+def projection_logits(softmin, x, y, a, b, blur, p, scaling, reach):
+    """What every barycentric projection needs: the batched (B, N, D) / (B, M, D) points, eps, and
+    h_j = log b_j + g_j / eps (differentiable through g), so that
     T(x_i) = Σ_j softmax_j(h_j - C(x_i, y_j) / eps) y_j. Also returns whether the input was batched."""
     batched = x.dim() == 3
     x, y, a, b = prepare(x, y, a, b)
-    eps, _, _, _, g_ab, _ = solve(softmin, costs, x, y, a, b, blur, p, scaling, reach, False)
-    return x, y, eps, log_weights(b) + g_ab / eps, batched
-
-
-def sinkhorn(
-    x: Tensor,  # (N, D) or (B, N, D)
-    y: Tensor,  # (M, D) or (B, M, D)
-    a: Tensor | None = None,  # (N,) or (B, N), non-negative; None: uniform 1/N
-    b: Tensor | None = None,  # (M,) or (B, M); None: uniform 1/M
-    blur: float = 0.05,
-    p: int = 2,
-    scaling: float = 0.5,
-    reach: float | None = None,
-    debias: bool = True,
-) -> Tensor:  # () or (B,)
-    """PyTorch implementation of sinkhorn: GeomLoss's SamplesLoss("sinkhorn") with dense matrices."""
-    return divergence_with(*softmin_parts(p), x, y, a, b, blur, p, scaling, reach, debias)
-
-
-def sinkhorn_potentials(
-    x: Tensor,  # (N, D) or (B, N, D)
-    y: Tensor,  # (M, D) or (B, M, D)
-    a: Tensor | None = None,  # (N,) or (B, N)
-    b: Tensor | None = None,  # (M,) or (B, M)
-    blur: float = 0.05,
-    p: int = 2,
-    scaling: float = 0.5,
-    reach: float | None = None,
-    debias: bool = True,
-) -> tuple[Tensor, Tensor]:  # (N,) or (B, N) on x, (M,) or (B, M) on y
-    """PyTorch implementation of sinkhorn_potentials: GeomLoss's ``potentials=True`` output."""
-    return potentials_with(*softmin_parts(p), x, y, a, b, blur, p, scaling, reach, debias)
-
-
-def sinkhorn_projection(
-    x: Tensor,  # (N, D) or (B, N, D)
-    y: Tensor,  # (M, D) or (B, M, D)
-    a: Tensor | None = None,  # (N,) or (B, N)
-    b: Tensor | None = None,  # (M,) or (B, M)
-    blur: float = 0.05,
-    p: int = 2,
-    scaling: float = 0.5,
-    reach: float | None = None,
-) -> Tensor:  # (N, D) or (B, N, D)
-    """PyTorch implementation of sinkhorn_projection: the barycentric projection of the entropic
-    plan of OT(a, b), T(x_i) = Σ_j π_ij y_j / Σ_j π_ij, with π_ij ∝ b_j exp((g_j - C(x_i, y_j)) / eps)
-    (the potentials of the a<->b problem; debiasing does not change the plan)."""
-    x, y, eps, h, batched = projection_logits_with(*softmin_parts(p), x, y, a, b, blur, p, scaling, reach)
-    logits = h.unsqueeze(-2) - cost_matrix(x, y.detach(), p) / eps  # (B, N, M)
-    t = logits.softmax(-1) @ y
-    return t if batched else t[0]
+    pot = solve(softmin, x, y, a, b, blur, p, scaling, reach, False)
+    return x, y, pot.eps, log_weights(b) + pot.g_ab / pot.eps, batched

@@ -1,7 +1,9 @@
-"""Launchers of the compiled CPU path of the fused Euler flow (csrc/euler_flow/euler_flow_cpu.cpp).
+"""The ``cpu`` backend of euler_flow: launchers of csrc/euler_flow/euler_flow_cpu.cpp (fastlddmm._C).
 
-Same contract as kernels/euler_flow.py: contiguous tensors of one dtype (float32 or float64), N ≥ 1.
-torch allocates every buffer; fastlddmm._C only gets data pointers (no torch C++ ABI involved).
+The launcher contract of the room (see fastlddmm/ops/euler_flow/__init__.py): contiguous tensors of one
+dtype (float32 or float64), N >= 1. torch allocates every buffer; fastlddmm._C only gets data pointers
+(no torch C++ ABI involved). OpenMP uses torch.get_num_threads() threads, read at every call, so
+torch.set_num_threads and OMP_NUM_THREADS (which torch reads at start-up) mean what they say.
 """
 
 from __future__ import annotations
@@ -9,20 +11,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _backend
+from ... import dispatch
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 
 
 def _module():
-    mod = _backend.compiled_module()
+    mod = dispatch.compiled_module()
     if mod is None:
-        raise _backend.BackendUnavailableError(f"backend 'cpu' is not available: {_backend.status('cpu').reason}")
+        raise dispatch.BackendUnavailableError(f"backend 'cpu' is not available: {dispatch.status('cpu').reason}")
     return mod
 
 
-def _check(tensors: dict[str, Tensor], device_type: str) -> str:
-    """All contiguous, one float dtype, on ``device_type``: the kernels read raw buffers."""
+def check_buffers(tensors: dict[str, Tensor], device_type: str) -> str:
+    """All contiguous, one float dtype, on ``device_type``: the kernels read raw buffers. Returns the dtype's name."""
     dtype = next(iter(tensors.values())).dtype
     for name, t in tensors.items():
         if t.dtype != dtype or dtype not in _DTYPES:
@@ -32,6 +34,11 @@ def _check(tensors: dict[str, Tensor], device_type: str) -> str:
         if not t.is_contiguous():
             raise ValueError(f"euler_flow launcher: {name} must be contiguous")
     return _DTYPES[dtype]
+
+
+def check_states(states: Tensor, layers: int, n: int, dim: int) -> None:
+    if tuple(states.shape) != (layers, n, dim):
+        raise ValueError(f"euler_flow launcher: states must have shape {(layers, n, dim)}, got {tuple(states.shape)}")
 
 
 def forward(
@@ -44,25 +51,26 @@ def forward(
     activation: str,
     *,
     save_states: bool = True,
-) -> tuple[Tensor, Tensor, Tensor]:  # x_final (N, D), states (L, N, D) or (0, N, D), energy ()
-    """Fused forward: the points after L Euler steps, every layer's input (when save_states) and the energy."""
-    dtype = _check({"x": x, "weight1": weight1, "bias1": bias1, "weight2": weight2, "bias2": bias2}, "cpu")
+) -> tuple[Tensor, Tensor, Tensor]:  # x_final (N, D), states (L, N, D) or (0, N, D), kinetic sum () float64
+    """Fused forward: the points after L Euler steps, every layer's input (when save_states) and
+    S = Σ_l Σ_i |v_l(x_i^l)|² (accumulated in double)."""
+    dtype = check_buffers({"x": x, "weight1": weight1, "bias1": bias1, "weight2": weight2, "bias2": bias2}, "cpu")
     n, dim = x.shape
     layers, width, _ = weight1.shape
     x_final = torch.empty_like(x)
     states = x.new_empty((layers if save_states else 0, n, dim))
-    energy = x.new_empty(())
+    kinetic_sum = torch.zeros((), dtype=torch.float64)
     _module().euler_flow_forward_cpu(
         dtype, x.data_ptr(), weight1.data_ptr(), bias1.data_ptr(), weight2.data_ptr(), bias2.data_ptr(),
         float(dt), activation, n, dim, width, layers, torch.get_num_threads(),
-        x_final.data_ptr(), states.data_ptr() if save_states and layers > 0 else 0, energy.data_ptr(),
+        x_final.data_ptr(), states.data_ptr() if save_states and layers > 0 else 0, kinetic_sum.data_ptr(),
     )
-    return x_final, states, energy
+    return x_final, states, kinetic_sum
 
 
 def backward(
     grad_x_final: Tensor,  # (N, D)
-    grad_energy: Tensor,  # ()
+    grad_kinetic_sum: Tensor,  # () dLoss/dS
     states: Tensor,  # (L, N, D)
     weight1: Tensor,  # (L, H, D)
     bias1: Tensor,  # (L, H)
@@ -72,16 +80,15 @@ def backward(
     activation: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # grad_x (N, D), then the params' shapes
     """Fused backward (recomputes the hidden activations from states)."""
-    dtype = _check({"grad_x_final": grad_x_final, "states": states, "weight1": weight1, "bias1": bias1,
-                    "weight2": weight2, "bias2": bias2}, "cpu")
+    dtype = check_buffers({"grad_x_final": grad_x_final, "states": states, "weight1": weight1, "bias1": bias1,
+                           "weight2": weight2, "bias2": bias2}, "cpu")
     n, dim = grad_x_final.shape
     layers, width, _ = weight1.shape
-    if tuple(states.shape) != (layers, n, dim):
-        raise ValueError(f"euler_flow launcher: states must have shape {(layers, n, dim)}, got {tuple(states.shape)}")
+    check_states(states, layers, n, dim)
     grad_x = torch.empty_like(grad_x_final)
     grads = [torch.empty_like(p) for p in (weight1, bias1, weight2, bias2)]
     _module().euler_flow_backward_cpu(
-        dtype, grad_x_final.data_ptr(), float(grad_energy), states.data_ptr(),
+        dtype, grad_x_final.data_ptr(), float(grad_kinetic_sum), states.data_ptr(),
         weight1.data_ptr(), bias1.data_ptr(), weight2.data_ptr(), bias2.data_ptr(),
         float(dt), activation, n, dim, width, layers, torch.get_num_threads(),
         grad_x.data_ptr(), *(g.data_ptr() for g in grads),
