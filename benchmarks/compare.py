@@ -4,7 +4,7 @@
 
 Measured, forward + backward, float32, D = 3:
   flow      fl.ops.euler_flow (cpu; cuda and triton on a GPU) vs the eager reference
-            (fastlddmm.reference.flow.euler_flow, the one the tests use) and torch.compile of it;
+            (fastlddmm.reference.euler_flow, the one the tests use) and torch.compile of it;
             10 layers, over points (width 64) and over widths 16/64/128/500 (fixed points).
   sinkhorn  fl.sinkhorn (auto, keops) vs the dense reference and GeomLoss tensorized / online
             (blur 0.05, scaling 0.5, p = 2, debiased).
@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # appended: an installed fastlddmm wins over this checkout's sources
+    sys.path.append(str(ROOT))
 
 from benchmarks import _measure  # noqa: E402
 
@@ -111,7 +111,7 @@ def _flow_call(method: str, n: int, width: int, device: str):
 
     import fastlddmm as fl
     from benchmarks._common import flow_inputs
-    from fastlddmm.reference.flow import euler_flow as reference
+    from fastlddmm.reference import euler_flow as reference
 
     inputs = [t.requires_grad_() for t in flow_inputs(n, width, LAYERS, device=device)]
     if method == "reference (eager)":

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.append(os.path.join(os.path.dirname(__file__), ".."))  # an installed fastlddmm wins over the sources
 
 import fastlddmm.distances as D  # noqa: E402
 from fastlddmm.benchmark import median_seconds  # noqa: E402

@@ -15,7 +15,6 @@ timed on steps 2-3, beside the same registration in one process (rank 0). Rank 0
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 from collections import Counter
@@ -26,12 +25,11 @@ import torch.distributed as dist
 
 import fastlddmm as fl
 from fastlddmm import distributed as fld
+from fastlddmm import sinkhorn_solver
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import machine_info  # noqa: E402  (benchmarks/ is not a package on torchrun's path)
 
-# The module, not the function fastlddmm.reference.sinkhorn that shadows it as a package attribute.
-_ref = importlib.import_module("fastlddmm.reference.sinkhorn")
 
 COUNTS: Counter = Counter()
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
@@ -106,8 +104,8 @@ def main() -> None:
         n_params = sum(p.numel() for p in reg.flow.parameters())
         with torch.no_grad():
             normalised = (torch.cat([source, target]) - reg.center) / reg.scale
-        diameter = _ref.max_diameter(normalised[: args.points], normalised[args.points:])
-        rounds = len(_ref.epsilon_schedule(2, diameter, 0.05, 0.5)) + 2  # first guess, the loop, taped step
+        diameter = sinkhorn_solver.max_diameter(normalised[: args.points], normalised[args.points:])
+        rounds = len(sinkhorn_solver.epsilon_schedule(2, diameter, 0.05, 0.5)) + 2  # first guess, the loop, taped step
         predicted = _predicted(kind, args.points, args.points, 3, n_params, rounds, world)
         rows.append((kind, sum(per_step.values()), predicted, per_step, seconds, one_process, rounds))
     if rank == 0:

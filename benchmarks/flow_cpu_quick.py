@@ -1,5 +1,5 @@
 """Quick side-by-side of the fused Euler flow on the CPU: compiled path ("cpu") vs the reference (eager
-autograd through fastlddmm.reference.flow). Forward and forward+backward wall time, and the peak extra
+autograd through fastlddmm.reference.euler_flow). Forward and forward+backward wall time, and the peak extra
 resident memory of forward+backward (each backend in its own subprocess, so the high-water marks do
 not mix). Measuring helpers: benchmarks/_measure.py; the full comparison (torch.compile, distances,
 plots): benchmarks/compare.py.
@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # an installed fastlddmm wins over the sources
 
 from benchmarks import _measure  # noqa: E402
 

@@ -59,7 +59,7 @@ written after every case, so a run stopped at its limit still leaves its tables.
 
 Writes gpu_distances_<device>.md and .json (device, versions, date, command line) to --output-dir, and
 prints which backend fl.sinkhorn / fl.chamfer backend="auto" picks at each size next to the fastest one
-measured (fastlddmm.distances._sinkhorn_solver / _auto_nearest), so that the auto rule can be checked.
+measured (fastlddmm.dispatch.choose), so that the auto rule can be checked.
 """
 
 from __future__ import annotations
@@ -79,14 +79,13 @@ from typing import Callable
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # appended: an installed fastlddmm wins over this checkout's sources
+    sys.path.append(str(ROOT))
 
 import fastlddmm as fl  # noqa: E402
-import fastlddmm.distances as D  # noqa: E402
 from benchmarks import _measure  # noqa: E402
 from benchmarks._common import clouds  # noqa: E402
-from fastlddmm import _backend  # noqa: E402
+from fastlddmm import dispatch  # noqa: E402
 
 DIM = 3
 DTYPE = torch.float32
@@ -152,16 +151,15 @@ def unavailable(method: str, device: str, keops_problem: str | None) -> tuple[st
         if device != "cuda":
             return "skipped", "flash-sinkhorn runs on CUDA tensors only"
     if family == "keops":
-        st = _backend.status("keops")
+        st = dispatch.status("keops")
         if not st.available:
             return "not installed", st.reason
         if keops_problem:
             return "skipped", keops_problem
     if family == "triton":
-        try:
-            _backend.require("triton", device=dev)
-        except _backend.BackendUnavailableError as why:
-            return "skipped", str(why)
+        why = dispatch.why_not("softmin", "triton", dispatch.Problem(device=torch.device(dev).type, dtype=DTYPE, dim=3))
+        if why is not None:
+            return "skipped", why
     return None
 
 
@@ -210,23 +208,9 @@ def make_call(method: str, x, y, blur: float, scaling: float, keep: list) -> Cal
 
 
 def auto_picks(x, y) -> dict[str, str]:
-    """The backend fl.sinkhorn / fl.chamfer backend="auto" would use for these clouds."""
-    picks = {}
-    try:
-        solver = D._sinkhorn_solver("auto", x, y, "sinkhorn")
-        names = {"fastlddmm.reference.sinkhorn": "reference", "fastlddmm.keops.sinkhorn": "keops",
-                 "fastlddmm.triton_ops.sinkhorn": "triton"}
-        picks["sinkhorn"] = names.get(solver.__name__, solver.__name__)
-    except Exception as why:  # private helpers of fastlddmm.distances: say so if they changed
-        picks["sinkhorn"] = f"unknown ({type(why).__name__}: {why})"
-    try:
-        finder = D._auto_nearest(x, y)
-        names = {D._index_reference: "reference", D._index_chunked: "chunked dense", D._index_kdtree: "scipy cKDTree",
-                 D._index_keops: "keops", D._index_triton: "triton"}
-        picks["chamfer"] = names.get(finder, getattr(finder, "__name__", str(finder)))
-    except Exception as why:
-        picks["chamfer"] = f"unknown ({type(why).__name__}: {why})"
-    return picks
+    """The backend fl.sinkhorn / fl.chamfer backend="auto" would use for these clouds (fastlddmm.dispatch)."""
+    pr = dispatch.problem(x, y)
+    return {"sinkhorn": dispatch.choose("softmin", "auto", pr), "chamfer": dispatch.choose("nearest", "auto", pr)}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -261,7 +245,7 @@ def environment(device: str, argv: list[str]) -> dict:
     if device == "cuda":
         info["nvidia_smi"] = _nvidia_smi()
     info["command"] = " ".join(shlex.quote(a) for a in [sys.executable, "benchmarks/gpu_distances.py", *argv])
-    info["triton_interpret"] = _backend.triton_interpret()
+    info["triton_interpret"] = dispatch.triton_interpret()
     return info
 
 
@@ -269,7 +253,7 @@ def run(args, argv: list[str]) -> dict:
     device = args.device
     t_start = time.perf_counter()
     keops_problem = None
-    if device == "cuda" and _backend.status("keops").available and any(METHODS[m][2] == "keops" for m in args.methods):
+    if device == "cuda" and dispatch.status("keops").available and any(METHODS[m][2] == "keops" for m in args.methods):
         print("probing KeOps on the GPU (compiles a small formula) ...", flush=True)
         keops_problem = _probe_keops_cuda()
         print(f"  {keops_problem or 'KeOps works'}", flush=True)

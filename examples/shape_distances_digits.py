@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import fastlddmm as fl
-from fastlddmm.shape_distances import shape_distances
+from fastlddmm.pairwise import shape_distances
 
 
 def digit_clouds(per_class: int, threshold: float = 8.0, seed: int = 0):

@@ -6,7 +6,7 @@ from .dispatch import BackendUnavailableError, backends
 from .distances import chamfer, nearest, sinkhorn, sinkhorn_potentials, sinkhorn_projection
 from .flow import ResNetFlow
 from .registration import Registration, RegistrationDiverged, register
-from .shape_distances import shape_distances
+from .pairwise import shape_distances
 
 __version__ = "0.1.0"
 

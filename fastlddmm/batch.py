@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from ._atomic import write_text
@@ -139,10 +140,39 @@ def register_pair(pair: dict, outdir: Path, *, options: dict, force: bool, pictu
     return {**_base_row(pair, STATUS_OK), **summary_row(summary)}
 
 
-def _ray_task(pair: dict, outdir: Path, *, options: dict, force: bool, pictures: bool, threads: int) -> dict:
+def package_identity() -> dict:
+    """Which fastlddmm this process runs: version, folder, and whether its compiled extension loaded."""
+    import fastlddmm
+    from fastlddmm import dispatch
+
+    return {"version": fastlddmm.__version__, "path": str(Path(fastlddmm.__file__).resolve().parent),
+            "compiled": dispatch.compiled_module() is not None}
+
+
+def _shadowing_checkout(cwd: Path | None = None) -> Path | None:
+    """A fastlddmm source folder in the current directory that is not the package this process imported.
+
+    Ray puts the driver's current directory first on every worker's sys.path: run from a source checkout
+    with the package installed (not editable), the workers would import the checkout instead, without its
+    compiled extension, and silently compute on another backend."""
+    folder = (cwd or Path.cwd()) / "fastlddmm"
+    if (folder / "__init__.py").is_file() and folder.resolve() != Path(package_identity()["path"]):
+        return folder
+    return None
+
+
+def _ray_task(pair: dict, outdir: Path, *, options: dict, force: bool, pictures: bool, threads: int,
+              driver: dict) -> dict:
     """The body of one Ray task: torch gets the task's CPU share, and the GPU Ray assigned if any."""
     import ray
     import torch
+
+    mine = package_identity()
+    if mine["version"] != driver["version"] or (driver["compiled"] and not mine["compiled"]):
+        return _base_row(pair, f"error: this Ray worker runs fastlddmm {mine['version']} from {mine['path']} "
+                               f"({'with' if mine['compiled'] else 'without'} its compiled extension), the driver "
+                               f"{driver['version']} from {driver['path']} (with it): install the same fastlddmm on "
+                               f"every node")
 
     # A worker process is reused by later tasks and torch keeps its thread count: set it every time.
     torch.set_num_threads(threads)
@@ -235,6 +265,9 @@ def _start_ray(address: str | None, *, cpus_per_pair: int, gpus_per_pair: float,
     if ray.is_initialized():
         return False
     kwargs = dict(logging_level=logging.ERROR if quiet else logging.WARNING, log_to_driver=not quiet)
+    if _shadowing_checkout() is not None:
+        # An empty working_dir keeps Ray from putting this directory (a fastlddmm checkout) on the workers' path.
+        kwargs["runtime_env"] = {"working_dir": tempfile.mkdtemp(prefix="fastlddmm-ray-")}
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         try:
@@ -282,8 +315,9 @@ def run_ray(pairs: list[dict], outdir: Path, *, options: dict, force: bool = Fal
                 f"{cpus_per_pair} CPU{'s' if cpus_per_pair > 1 else ''}"
                 + (f" and {gpus_per_pair:g} GPU" if gpus_per_pair else "") + " per pair")
         task = ray.remote(_ray_task).options(num_cpus=cpus_per_pair, num_gpus=gpus_per_pair)
+        driver = package_identity()
         waiting = {task.remote(pairs[i], outdir, options=options, force=force, pictures=pictures,
-                               threads=cpus_per_pair): i for i in todo}
+                               threads=cpus_per_pair, driver=driver): i for i in todo}
         bar = _progress(len(pairs), len(pairs) - len(todo), quiet)
         while waiting:
             [ref], _ = ray.wait(list(waiting), num_returns=1)

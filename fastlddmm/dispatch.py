@@ -18,7 +18,7 @@ Backends (``status(name)`` says whether each is usable here, and how to get it w
 The ops, each one room ``fastlddmm/ops/<op>/`` holding its reference twin and its backends behind one
 contract (the room's ``__init__`` docstring states it):
 
-    euler_flow   the fused ResNet-LDDMM flow, forward and backward (reference, cpu, cuda, triton)
+    euler_flow   the fused ResNet-LDDMM flow, forward and backward (reference, cpu, cuda, triton): ops/flow/
     softmin      Sinkhorn's reduction f_i = -eps log sum_j exp(h_j - C(x_i, y_j) / eps) (reference, keops, triton)
     projection   the barycentric projection's sum_j softmax_j(h_j - C_ij / eps) v_j (reference, keops, triton)
     nearest      K nearest neighbours' indices (reference, kdtree, keops, triton)
@@ -191,9 +191,9 @@ def _first_nearest_only(pr: Problem) -> str | None:
 
 TABLE: dict[str, dict[str, Entry]] = {
     "euler_flow": {
-        "reference": Entry("fastlddmm.ops.euler_flow.reference", ("cpu", "cuda")),
-        "cpu": Entry("fastlddmm.ops.euler_flow.cpu", ("cpu",), _fused_dtype),
-        "cuda": Entry("fastlddmm.ops.euler_flow.cuda", ("cuda",), _cuda_dim),
+        "reference": Entry("fastlddmm.ops.flow.reference", ("cpu", "cuda")),
+        "cpu": Entry("fastlddmm.ops.flow.cpu", ("cpu",), _fused_dtype),
+        "cuda": Entry("fastlddmm.ops.flow.cuda", ("cuda",), _cuda_dim),
         "triton": Entry("fastlddmm.kernels.euler_flow", ("cuda", "cpu"), _fused_dtype),
     },
     "softmin": {

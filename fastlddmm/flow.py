@@ -9,14 +9,14 @@ from torch import Tensor, nn
 
 from . import dispatch
 from ._validation import check_choice, check_positive
-from .ops.euler_flow import euler_flow
-from .ops.euler_flow import reference as _ref
+from .ops.flow import euler_flow
+from .ops.flow import reference as _ref
 
 
 class ResNetFlow(nn.Module):
     """The ResNet-LDDMM flow φ_1 = (id + Δ v_{L-1}) ∘ ... ∘ (id + Δ v_0), Δ = 1/L.
 
-    Each block v_l(x) = W2_l ρ(W1_l x + b1_l) + b2_l (see fastlddmm.reference.flow for the paper
+    Each block v_l(x) = W2_l ρ(W1_l x + b1_l) + b2_l (see fastlddmm/ops/flow/reference.py for the paper
     details followed). Parameters are stacked over layers:
     weight1 (L, H, D), bias1 (L, H), weight2 (L, D, H), bias2 (L, D).
 

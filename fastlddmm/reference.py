@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import sinkhorn_solver
-from .ops.euler_flow.reference import ACTIVATIONS, activation_fn, euler_flow, trajectory, velocity
+from .ops.flow.reference import ACTIVATIONS, activation_fn, euler_flow, trajectory, velocity
 from .ops.kernel_sum.reference import kernel_matrix, kernel_sum
 from .ops.nearest.reference import chamfer, knn_index, l2, nearest, squared_distances
 from .ops.projection.reference import softmax_weighted_sum

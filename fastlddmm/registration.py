@@ -23,7 +23,7 @@ from . import dispatch
 from ._atomic import atomic_write
 from ._validation import check_choice, check_pair, check_points, check_positive
 from .flow import ResNetFlow
-from .ops.euler_flow.reference import ACTIVATIONS
+from .ops.flow.reference import ACTIVATIONS
 
 DATA_TERMS = ("sinkhorn", "chamfer", "l2")
 OPTIMIZERS = ("adam", "lbfgs")

@@ -178,10 +178,36 @@ def test_ray_task_gives_torch_its_cpu_share(local_ray, inputs, tmp_path, monkeyp
     threads = torch.get_num_threads()
     try:
         for k in (1, 2):
-            batch._ray_task(pair, tmp_path, options={"device": None}, force=False, pictures=False, threads=k)
+            batch._ray_task(pair, tmp_path, options={"device": None}, force=False, pictures=False, threads=k,
+                            driver=batch.package_identity())
     finally:
         torch.set_num_threads(threads)
     assert seen == [(1, None), (2, None)]  # no GPU assigned: the device stays as asked
+
+
+def test_a_source_checkout_in_the_current_directory_is_not_what_workers_import(tmp_path, monkeypatch):
+    """Ray puts the driver's current directory first on the workers' sys.path: run from a fastlddmm source
+    checkout with the package installed elsewhere, workers would import the checkout (no compiled extension).
+    The runner sees it, and starts Ray with an empty working directory instead."""
+    assert batch._shadowing_checkout(Path(batch.package_identity()["path"]).parent) is None  # the package itself
+    (tmp_path / "fastlddmm").mkdir()
+    (tmp_path / "fastlddmm" / "__init__.py").write_text("")
+    assert batch._shadowing_checkout(tmp_path) == tmp_path / "fastlddmm"
+    assert batch._shadowing_checkout(tmp_path / "elsewhere") is None
+
+
+def test_a_worker_running_another_fastlddmm_build_refuses_the_pair(inputs, tmp_path, monkeypatch):
+    pair = batch.read_manifest(inputs / "pairs.csv")[0]
+    driver = {**batch.package_identity(), "compiled": True, "path": "/site-packages/fastlddmm"}
+    monkeypatch.setattr(batch, "package_identity", lambda: {**driver, "compiled": False, "path": "/checkout/fastlddmm"})
+    monkeypatch.setattr(batch, "register_pair", lambda *a, **k: pytest.fail("the pair must not be registered"))
+    threads = torch.get_num_threads()
+    try:
+        row = batch._ray_task(pair, tmp_path, options={}, force=False, pictures=False, threads=1, driver=driver)
+    finally:
+        torch.set_num_threads(threads)
+    assert row["status"].startswith("error: this Ray worker runs fastlddmm") and "/checkout/fastlddmm" in row["status"]
+    assert "without its compiled extension" in row["status"]
 
 
 def test_engine_ray_without_ray_is_a_usage_error(inputs, tmp_path, monkeypatch, capsys):

@@ -300,20 +300,19 @@ def test_digits_calls_the_image_module(tmp_path, monkeypatch, capsys):
 
 
 def test_bench_prints_ratios_against_the_reference(monkeypatch, capsys):
-    # tiny cases instead of the real sizes: this checks the table, not the speed
-    def cases(quick):
-        def call(backend, inputs):
-            if backend == "keops":
-                raise fl.BackendUnavailableError("backend 'keops' has no toy op")
-            return inputs.sum()
-        return [("toy op", "N=3", lambda: torch.ones(3), call)]
+    from fastlddmm import benchmark, dispatch
 
-    monkeypatch.setattr(cli, "_bench_cases", cases)
+    # tiny cases instead of the real sizes: this checks the table, not the speed
+    def cases(quick, device):
+        return [("nearest", "toy op", "N=3", lambda: torch.ones(3), lambda backend, inputs: inputs.sum())]
+
+    monkeypatch.setattr(benchmark, "_cases", cases)
     assert cli.main(["bench", "--repeats", "2", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
     toy = [line for line in out.splitlines() if line.startswith("toy op")]
-    usable = [n for n, s in fl.backends().items() if s.available and not (n == "triton" and not torch.cuda.is_available())]
-    assert len(toy) == len(usable)
+    probe = dispatch.Problem(device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.float32, dim=3)
+    usable = [n for n in dispatch.usable_backends("nearest", probe) if not (n == "triton" and probe.device == "cpu")]
+    assert len(toy) == len(usable) and "reference" in usable
     assert any("reference" in line and "1.00x" in line for line in toy)
     assert "benchmarks/" in out
 

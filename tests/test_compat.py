@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from fastlddmm import _backend
+from fastlddmm import dispatch
 from fastlddmm import chamfer as fl_chamfer
 from fastlddmm.compat import KNN, SamplesLoss, chamfer_distance, knn_gather, knn_points
 from conftest import assert_close
@@ -28,7 +28,7 @@ from conftest import assert_close
 geomloss = pytest.importorskip("geomloss", reason="needs geomloss (pip install 'fastlddmm[test]') as the oracle")
 
 needs_keops = pytest.mark.skipif(
-    not _backend.status("keops").available,
+    not dispatch.status("keops").available,
     reason="needs pykeops and a C++ compiler: pip install 'fastlddmm[keops]'",
 )
 
@@ -156,12 +156,10 @@ def test_kernel_losses_online_keops_match_geomloss(loss):
 
 @needs_keops
 def test_kernel_losses_auto_switches_to_keops_for_large_clouds(monkeypatch):
-    import fastlddmm.compat.geomloss as compat_geomloss
-
-    monkeypatch.setattr(compat_geomloss, "_KERNEL_DENSE_MAX_PAIRS", 10)
+    monkeypatch.setattr(dispatch, "KERNEL_DENSE_MAX_ENTRIES", 10)
     args, _ = _inputs("axby", True, torch.float64)
     loss = SamplesLoss("gaussian", blur=0.5)
-    assert loss._fl_backend(args[1], args[3]) == "keops"
+    assert dispatch.choose("kernel_sum", "auto", dispatch.problem(args[1], args[3])) == "keops"
     assert_close(loss(*args), geomloss.SamplesLoss("gaussian", blur=0.5)(*args), rtol=1e-10, atol=1e-12)
 
 
@@ -401,18 +399,21 @@ def test_knn_points_bad_input():
         knn_points(p1, p2, backend="tensorized")
 
 
-def test_knn_points_auto_backend_choice(monkeypatch):
-    """auto: fl.nearest's own choice for K = 1 (L2), dense topk for small clouds, KeOps for large ones."""
-    import fastlddmm.compat.pytorch3d as compat_p3d
-
-    x, y = _points(9, 3), _points(8, 3, seed=1)
-    assert compat_p3d._index_finder("auto", x, y, 3, 2) is compat_p3d.knn_index_dense
-    assert compat_p3d._index_finder("reference", x, y, 1, 2) is compat_p3d.knn_index_dense
-    assert torch.equal(compat_p3d._index_finder("auto", x, y, 1, 2)(x, y, 1, 2),
-                       compat_p3d.knn_index_dense(x, y, 1, 2))
-    monkeypatch.setattr(compat_p3d, "_DENSE_MAX_PAIRS", 10)
-    expected = compat_p3d.knn_index_keops if _backend.status("keops").available else compat_p3d.knn_index_dense
-    assert compat_p3d._index_finder("auto", x, y, 3, 1) is expected
+@pytest.mark.parametrize("K,norm", [(1, 2), (3, 2), (3, 1)])
+def test_knn_points_auto_follows_the_dispatch_table(monkeypatch, K, norm):
+    """auto asks fastlddmm.dispatch (dense for small clouds, then the k-d tree in D <= 3 or KeOps): whatever
+    it picks, the neighbours are the reference's."""
+    p1, p2 = _points(2, 40, 3), _points(2, 33, 3, seed=1)
+    l1, l2 = torch.tensor([40, 17]), torch.tensor([33, 30])
+    want = knn_points(p1, p2, l1, l2, norm=norm, K=K, backend="reference")
+    pr = dispatch.Problem(device="cpu", dtype=p1.dtype, dim=3, n=40, m=33, batch=2, k=K, norm=norm)
+    assert dispatch.choose("nearest", "auto", pr) == "reference"
+    monkeypatch.setattr(dispatch, "NEAREST_DENSE_MAX_PAIRS", 10)
+    chosen = dispatch.choose("nearest", "auto", pr)
+    assert chosen == next(b for b in ("kdtree", "keops", "reference") if dispatch.usable("nearest", b, pr))
+    got = knn_points(p1, p2, l1, l2, norm=norm, K=K, backend="auto")
+    assert torch.equal(got.idx, want.idx)
+    assert_close(got.dists, want.dists, rtol=1e-12, atol=1e-12)
 
 
 @needs_keops

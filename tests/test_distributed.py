@@ -201,7 +201,7 @@ def test_cli_register_distributed_matches_one_process(tmp_path):
     options = ["--data-term", "chamfer", "--steps", "4", "--width", "8", "--layers", "2", "--no-pictures", "-q"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
            "-m", "fastlddmm", "register", str(tmp_path / "src.npy"), str(tmp_path / "tgt.npy"),
-           "-o", str(tmp_path / "sharded"), "--distributed", *options]
+           "-o", str(tmp_path / "sharded"), "--distributed", "--device", "cpu", *options]  # --device cpu: gloo
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
@@ -217,15 +217,29 @@ def test_cli_register_distributed_matches_one_process(tmp_path):
     assert summary["points"]["source"] == 41 and summary["folds"] == 0
 
 
-def test_cli_register_distributed_outside_torchrun_is_a_usage_error(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("device", [[], ["--device", "cpu"]])
+def test_cli_register_distributed_outside_torchrun_is_a_usage_error(tmp_path, capsys, monkeypatch, device):
     from fastlddmm.cli import main
 
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     src = tmp_path / "src.npy"
     np.save(src, torch.rand(10, 3).numpy())
-    assert main(["register", str(src), str(src), "-o", str(tmp_path / "out"), "--distributed", "-q"]) == 2
+    assert main(["register", str(src), str(src), "-o", str(tmp_path / "out"), "--distributed", "-q", *device]) == 2
     assert "torchrun" in capsys.readouterr().err
+
+
+def test_cli_register_distributed_takes_a_device_kind_not_an_index(tmp_path, capsys, monkeypatch):
+    """--device cpu (gloo) and --device cuda (nccl, cuda:LOCAL_RANK per rank) are accepted; cuda:1 is not a
+    choice a rank can make for all ranks."""
+    import fastlddmm.cli as cli
+
+    monkeypatch.setattr(cli, "_device", lambda text: text)  # as if this machine had GPUs
+    src = tmp_path / "src.npy"
+    np.save(src, torch.rand(10, 3).numpy())
+    assert cli.main(["register", str(src), str(src), "-o", str(tmp_path / "out"), "--distributed",
+                     "--device", "cuda:1", "-q"]) == 2
+    assert "--device cpu or --device cuda" in capsys.readouterr().err
 
 
 def test_cli_under_torchrun_without_distributed_is_refused(tmp_path, capsys, monkeypatch):

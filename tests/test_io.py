@@ -314,4 +314,11 @@ def test_examples_match_their_generator(tmp_path):
 
     for path in make_examples.write_all(tmp_path):
         shipped = np.load(os.path.join(os.path.dirname(make_examples.__file__), path.name))
-        np.testing.assert_array_equal(np.load(path), shipped)
+        made = np.load(path)
+        assert made.shape == shipped.shape and made.dtype == shipped.dtype, path.name
+        if np.issubdtype(shipped.dtype, np.integer):  # faces and edges: exact
+            np.testing.assert_array_equal(made, shipped)
+        else:
+            # Coordinates come from numpy's sin/cos, whose SIMD code differs by CPU (AVX2 vs AVX-512 give
+            # results 1 ulp apart): a few ulps of float64 at the clouds' scale, far below anything visible.
+            np.testing.assert_allclose(made, shipped, rtol=1e-13, atol=1e-13 * float(np.abs(shipped).max()))

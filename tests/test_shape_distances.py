@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastlddmm as fl
-from fastlddmm.shape_distances import shape_distances
+from fastlddmm.pairwise import shape_distances
 from conftest import assert_close
 
 

@@ -1,6 +1,7 @@
 """The ops, one room each: the reference twin, every backend and the contract they share.
 
-    euler_flow/   the fused ResNet-LDDMM flow, forward and backward
+    flow/         euler_flow: the fused ResNet-LDDMM flow, forward and backward (the room is not named
+                  after the function, which fl.ops.euler_flow names: no function shadows a module)
     softmin/      Sinkhorn's reduction
     projection/   the barycentric projection's soft-max weighted sum
     nearest/      K nearest neighbours
@@ -9,6 +10,6 @@
 Which backend runs is decided in one place, fastlddmm/dispatch.py.
 """
 
-from .euler_flow import euler_flow
+from .flow import euler_flow
 
 __all__ = ["euler_flow"]

@@ -1,6 +1,6 @@
 """The ``cuda`` backend of euler_flow: launchers of csrc/euler_flow/euler_flow_cuda.cu (fastlddmm._C).
 
-The launcher contract of the room (see fastlddmm/ops/euler_flow/__init__.py). The kernels run on torch's
+The launcher contract of the room (see fastlddmm/ops/flow/__init__.py). The kernels run on torch's
 current stream of the tensors' device (its handle passed as an integer), under that device's guard, so
 they order correctly with the surrounding torch work and never launch on another GPU.
 """

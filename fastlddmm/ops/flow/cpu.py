@@ -1,6 +1,6 @@
 """The ``cpu`` backend of euler_flow: launchers of csrc/euler_flow/euler_flow_cpu.cpp (fastlddmm._C).
 
-The launcher contract of the room (see fastlddmm/ops/euler_flow/__init__.py): contiguous tensors of one
+The launcher contract of the room (see fastlddmm/ops/flow/__init__.py): contiguous tensors of one
 dtype (float32 or float64), N >= 1. torch allocates every buffer; fastlddmm._C only gets data pointers
 (no torch C++ ABI involved). OpenMP uses torch.get_num_threads() threads, read at every call, so
 torch.set_num_threads and OMP_NUM_THREADS (which torch reads at start-up) mean what they say.
