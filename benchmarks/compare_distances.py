@@ -1,4 +1,4 @@
-"""Side-by-side timings of the distances: Chamfer (dense reference, chunked dense, KeOps, scipy cKDTree)
+"""Side-by-side timings of the distances: Chamfer (every nearest-neighbour backend usable here)
 and Sinkhorn (reference, KeOps, GeomLoss tensorized / online), forward + backward, on this machine.
 
     python benchmarks/compare_distances.py                      # default sizes
@@ -13,7 +13,7 @@ missing or when the dense (N, M) matrices would not fit in --max-dense-gib.
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import os
 import sys
 
@@ -21,9 +21,9 @@ import torch
 
 sys.path.append(os.path.join(os.path.dirname(__file__), ".."))  # an installed fastlddmm wins over the sources
 
-import fastlddmm.distances as D  # noqa: E402
+import fastlddmm as fl  # noqa: E402
+from fastlddmm import dispatch  # noqa: E402
 from fastlddmm.benchmark import median_seconds  # noqa: E402
-from fastlddmm import _backend  # noqa: E402
 
 
 def clouds(n: int, m: int, dim: int, dtype, seed: int = 0):
@@ -34,40 +34,29 @@ def clouds(n: int, m: int, dim: int, dtype, seed: int = 0):
 
 
 def chamfer_methods():
-    """name -> f(x, y) -> value (forward + backward)."""
-
-    def with_finder(find):
-        def run(x, y):
-            x = x.clone().requires_grad_()
-            v = D._chamfer_items(x[None], y[None], None, None, find)[0]
-            v.backward()
-            return v
-
-        return run
-
-    methods = {"dense reference": lambda x, y: _backward(D.chamfer(x.clone().requires_grad_(), y, backend="reference"))}
-    methods["chunked dense"] = with_finder(D._index_chunked)
-    if _backend.status("keops").available:
-        methods["keops"] = with_finder(D._index_keops)
-    if importlib.util.find_spec("scipy") is not None:
-        methods["scipy cKDTree"] = with_finder(D._index_kdtree)
-    methods["auto"] = lambda x, y: _backward(D.chamfer(x.clone().requires_grad_(), y, backend="auto"))
+    """name -> f(x, y) -> value (forward + backward): fl.chamfer with each nearest-neighbour backend usable here
+    (fastlddmm.dispatch), and "auto"."""
+    pr = dispatch.Problem(device="cpu", dtype=torch.float32, dim=3)
+    names = {"reference": "dense reference (chunked)", "kdtree": "scipy cKDTree"}
+    methods = {names.get(b, b): (lambda x, y, b=b: _backward(fl.chamfer(x.clone().requires_grad_(), y, backend=b)))
+               for b in dispatch.usable_backends("nearest", pr) if b != "triton"}
+    methods["auto"] = lambda x, y: _backward(fl.chamfer(x.clone().requires_grad_(), y, backend="auto"))
     return methods
 
 
 def sinkhorn_methods(blur: float):
     methods = {
-        "reference": lambda x, y: _backward(D.sinkhorn(x.clone().requires_grad_(), y, blur=blur, backend="reference"))
+        "reference": lambda x, y: _backward(fl.sinkhorn(x.clone().requires_grad_(), y, blur=blur, backend="reference"))
     }
-    if _backend.status("keops").available:
-        methods["keops"] = lambda x, y: _backward(D.sinkhorn(x.clone().requires_grad_(), y, blur=blur, backend="keops"))
+    if dispatch.status("keops").available:
+        methods["keops"] = lambda x, y: _backward(fl.sinkhorn(x.clone().requires_grad_(), y, blur=blur, backend="keops"))
     if importlib.util.find_spec("geomloss") is not None:
         from geomloss import SamplesLoss
 
         for be in ("tensorized", "online"):
             loss = SamplesLoss("sinkhorn", p=2, blur=blur, scaling=0.5, backend=be)
             methods[f"geomloss {be}"] = lambda x, y, loss=loss: _backward(loss(x.clone().requires_grad_(), y))
-    methods["auto"] = lambda x, y: _backward(D.sinkhorn(x.clone().requires_grad_(), y, blur=blur, backend="auto"))
+    methods["auto"] = lambda x, y: _backward(fl.sinkhorn(x.clone().requires_grad_(), y, blur=blur, backend="auto"))
     return methods
 
 
@@ -115,7 +104,7 @@ def main() -> None:
         for name, fn in sinkhorn_methods(args.blur).items():
             if name in args.skip:
                 continue
-            dense = name in ("reference", "geomloss tensorized") or (name == "auto" and n * n <= D._SINKHORN_DENSE_MAX_PAIRS)
+            dense = name in ("reference", "geomloss tensorized") or (name == "auto" and n * n <= dispatch.SOFTMIN_DENSE_MAX_ENTRIES)
             if dense and dense_gib(n, n, 1, itemsize, 8) > args.max_dense_gib:
                 rows.append(("sinkhorn", n, name, None))
                 continue
