@@ -13,7 +13,7 @@ from torch import Tensor
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastlddmm import _backend
+from fastlddmm import dispatch
 
 
 def _describe(index: tuple[int, ...]) -> str:
@@ -83,6 +83,6 @@ def backend_device(backend: str) -> torch.device:
 
 def require_backend(backend: str) -> None:
     """Skips (saying what would make the test run) unless ``backend`` is usable here."""
-    st = _backend.status(backend)
+    st = dispatch.status(backend)
     if not st.available:
         pytest.skip(f"backend {backend!r} unavailable: {st.reason}")
