@@ -132,6 +132,39 @@ def sinkhorn_loop(
     return f_aa, g_bb, g_ab, f_ba
 
 
+def symmetric_potential(
+    softmin,  # an ops.softmin.Softmin
+    a_log: Tensor,  # (B, N) log-weights of x, no gradient
+    c_xx: object,  # cost "x <- x" from softmin.cost
+    eps_list: list[float],
+    max_steps: int = 64,
+) -> Tensor:  # (B, N), no gradient
+    """The converged potential of the symmetric problem OT_eps(a, a): the fixed point of
+    ``f_i = smin_{eps, k~a} [C(x_i, x_k) - f_k]`` at eps = eps_list[-1].
+
+    GeomLoss's averaged updates ``f <- (f + smin(f)) / 2`` along the ε-scaling schedule (the debias
+    half of sinkhorn_loop, balanced), then the same update at the last eps until it stops moving
+    (|Δf| <= 8 ulp of max|f|) or after ``max_steps`` more. Each update contracts by 1/2 or better:
+    its Jacobian is (I - P) / 2, where P = (softmax_k(a_log_k + (f_k - C_ik) / eps))_ik has its
+    eigenvalues in [0, 1] (P = K diag(a) with K = exp((f_i + f_k - C_ik) / eps) positive
+    semi-definite, as exp(-C / eps) is for C = |x - y|^p / p, p = 1 or 2). So, unlike sinkhorn_loop,
+    the result does not depend on the schedule: it is the fixed point to rounding, which is what
+    differentiating it by the implicit function theorem needs (fastlddmm/compat/hausdorff.py).
+    """
+    with torch.no_grad():
+        f = softmin(eps_list[0], c_xx, a_log)
+        for eps in eps_list:
+            f = 0.5 * (f + softmin(eps, c_xx, a_log + f / eps))
+        tol = 8 * torch.finfo(f.dtype).eps
+        for _ in range(max_steps):
+            new = 0.5 * (f + softmin(eps, c_xx, a_log + f / eps))
+            moved = (new - f).abs().max().item()
+            f = new
+            if moved <= tol * (f.abs().max().item() + eps):
+                break
+    return f
+
+
 def sinkhorn_cost(
     eps: float,
     rho: float | None,

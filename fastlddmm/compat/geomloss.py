@@ -37,15 +37,25 @@ Backends (``backend=``), GeomLoss name -> fastlddmm:
                   ``truncate=None``, and the energy distance, which is never truncated); otherwise
                   (Sinkhorn's coarse-to-fine iterations on cluster centroids, kernel truncation)
                   an error: we do not reproduce that approximation.
-  fastlddmm's own names ("reference", "keops", and "triton" for "sinkhorn") are accepted too.
+  fastlddmm's own names ("reference", "keops", "triton", and any backend of the soft-min op in
+  fastlddmm/dispatch.py) are accepted too.
+
+``"hausdorff"`` — works here, not in GeomLoss: GeomLoss 0.2/0.3 documents it ("Weighted Hausdorff
+distance, which interpolates between the ICP loss (blur=0) and a kernel distance (blur=+∞)") but its
+routine table sends it to the kernel loss with no kernel, and every call raises ``KeyError: None``
+(jeanfeydy/geomloss#70, open). So there are no GeomLoss values to match; we implement the authors'
+definition H_eps(α, β) = ½ <α - β, ∇F_eps(α) - ∇F_eps(β)>, F_eps(α) = -½ OT_eps(α, α) (formula, sources,
+limits and gradient in fastlddmm.compat.hausdorff), with GeomLoss's p, blur (eps = blur^p), scaling and
+diameter (both only steer the ε-scaling towards the converged potentials: the value does not depend on
+them), on every soft-min backend. ``reach`` and ``potentials=True`` raise for it; ``debias`` and
+``truncate`` do not apply to it and are ignored, as GeomLoss ignores them outside "sinkhorn"/multiscale.
 
 Not supported, each raising ``NotImplementedError`` that names the option (never a silent
 substitute): a custom ``cost`` (formula string or callable), a custom ``kernel``, ``cluster_scale``,
 cluster labels (the six-argument call form), ``diameter`` for "sinkhorn" (it changes the
 ε-scaling start; fl.sinkhorn derives it from the data), ``truncate`` other than 5 or None where it
 could matter (``backend="multiscale"``, or "auto" with "sinkhorn": GeomLoss ignores it elsewhere),
-and the "hausdorff" loss: GeomLoss 0.2/0.3 lists it but every call raises ``KeyError: None``
-(jeanfeydy/geomloss#70, open), so there are no GeomLoss values to be compatible with.
+``backend="multiscale"`` for "sinkhorn" and "hausdorff", and ``reach`` / ``potentials=True`` for "hausdorff".
 ``verbose`` only printed multiscale diagnostics in GeomLoss: accepted, prints nothing.
 """
 
@@ -56,13 +66,19 @@ from torch import Tensor
 
 from ..distances import sinkhorn as _fl_sinkhorn
 from ..distances import sinkhorn_potentials as _fl_sinkhorn_potentials
+from .. import dispatch
 from ..ops import kernel_sum as _kernel_sum
 from ..ops.kernel_sum import KERNELS as KERNEL_LOSSES
+from ..ops.softmin import softmin_for
+from . import hausdorff as _hausdorff
 
 LOSSES = ("sinkhorn", "hausdorff", "energy", "gaussian", "laplacian")
 GEOMLOSS_BACKENDS = ("auto", "tensorized", "online", "multiscale")
-_BACKEND_MAP = {"auto": "auto", "tensorized": "reference", "online": "keops", "reference": "reference", "keops": "keops",
-                "triton": "triton"}  # triton: the streaming Sinkhorn kernels (CUDA, or TRITON_INTERPRET=1)
+# GeomLoss's names, then fastlddmm's own backends of the soft-min and kernel-sum ops, passed on as they are
+# (fastlddmm.dispatch says whether they can run here; "triton": the streaming soft-min kernels, CUDA or
+# TRITON_INTERPRET=1). A soft-min backend added to the table is accepted here with no change.
+_FL_NAMES = tuple(dict.fromkeys((*dispatch.backends_for("softmin"), *dispatch.backends_for("kernel_sum"))))
+_BACKEND_MAP = {"auto": "auto", "tensorized": "reference", "online": "keops", **{name: name for name in _FL_NAMES}}
 
 _DEFAULT_TRUNCATE = 5
 
@@ -150,11 +166,16 @@ class SamplesLoss(torch.nn.Module):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        if loss == "hausdorff":
+        if loss == "hausdorff" and reach is not None:
             raise NotImplementedError(
-                'loss="hausdorff" is not supported: GeomLoss lists it, but its SamplesLoss("hausdorff") raises '
-                "KeyError on every call (jeanfeydy/geomloss#70), so there is no GeomLoss behaviour to reproduce; "
-                'use loss="sinkhorn" (or fastlddmm.compat.chamfer_distance for the blur -> 0 limit)'
+                f"reach={reach!r} is not supported for loss='hausdorff': the Hausdorff divergence implemented here is "
+                "the balanced one of Feydy et al. (AISTATS 2019); leave reach=None"
+            )
+        if loss == "hausdorff" and potentials:
+            raise NotImplementedError(
+                "potentials=True is not supported for loss='hausdorff': GeomLoss never defined its Hausdorff "
+                "potentials (its SamplesLoss('hausdorff') does not run, jeanfeydy/geomloss#70); differentiate the "
+                "value with respect to the weights instead"
             )
         if cost is not None:
             raise NotImplementedError(
@@ -172,11 +193,11 @@ class SamplesLoss(torch.nn.Module):
                 "backend, which fastlddmm does not reproduce; leave cluster_scale=None"
             )
         if backend not in _BACKEND_MAP and backend != "multiscale":
-            raise ValueError(f"backend must be one of {GEOMLOSS_BACKENDS} (or fastlddmm's 'reference', 'keops', 'triton'), got {backend!r}")
+            raise ValueError(f"backend must be one of {GEOMLOSS_BACKENDS} (or fastlddmm's {_FL_NAMES}), got {backend!r}")
         exact_multiscale = loss == "energy" or (loss in KERNEL_LOSSES and truncate is None)
         if backend == "multiscale" and not exact_multiscale:
             raise NotImplementedError(
-                f'backend="multiscale" is not supported for loss={loss!r}{"" if loss == "sinkhorn" else f" with truncate={truncate!r}"}: '
+                f'backend="multiscale" is not supported for loss={loss!r}{"" if loss in ("sinkhorn", "hausdorff") else f" with truncate={truncate!r}"}: '
                 "GeomLoss's multiscale scheme clusters the points and truncates the kernel (an approximation that "
                 'fastlddmm does not reproduce); use backend="auto" or "online" for the exact values on KeOps'
             )
@@ -194,8 +215,8 @@ class SamplesLoss(torch.nn.Module):
                 f"diameter={diameter!r} is not supported for loss='sinkhorn': fastlddmm starts the ε-scaling at the "
                 "diameter of the data, as GeomLoss does with diameter=None; leave diameter=None"
             )
-        if loss == "sinkhorn" and p not in (1, 2):
-            raise ValueError(f"p must be 1 or 2 for loss='sinkhorn', got {p!r}")
+        if loss in ("sinkhorn", "hausdorff") and p not in (1, 2):
+            raise ValueError(f"p must be 1 or 2 for loss={loss!r}, got {p!r}")
         self.loss = loss
         self.p = p
         self.blur = blur
@@ -267,8 +288,7 @@ class SamplesLoss(torch.nn.Module):
                 return (f, g) if x.dim() == 3 else (f.unsqueeze(0), g.unsqueeze(0))  # GeomLoss: (1, N)
             return _fl_sinkhorn(x, y, **kw)
 
-        # Kernel norms.
-        if backend not in ("auto", "reference", "keops"):
+        if self.loss != "hausdorff" and backend not in ("auto", "reference", "keops"):
             raise ValueError(f"backend {backend!r} has no kernel loss; use 'auto', 'tensorized' or 'online'")
         if x.dtype != y.dtype or a.dtype != x.dtype or b.dtype != y.dtype:
             raise TypeError(f"α, x, β, y must share one dtype, got {a.dtype}, {x.dtype}, {b.dtype}, {y.dtype}")
@@ -279,6 +299,10 @@ class SamplesLoss(torch.nn.Module):
             a, x, b, y = a.unsqueeze(0), x.unsqueeze(0), b.unsqueeze(0), y.unsqueeze(0)
         elif x.shape[0] != y.shape[0]:
             raise ValueError(f"x and y must have the same batch size, got {x.shape[0]} and {y.shape[0]}")
+        if self.loss == "hausdorff":  # on the soft-min op: every soft-min backend runs it
+            softmin = softmin_for(backend, x, y, self.p)
+            value = _hausdorff.divergence(softmin, x, y, a, b, self.blur, self.p, self.scaling, self.diameter)
+            return value if batched else value[0]
         if self.potentials:
             return kernel_potentials(self.loss, a, x, b, y, self.blur, backend)  # (B, N), (B, M); B = 1 if not batched
         value = kernel_loss(self.loss, a, x, b, y, self.blur, backend)
