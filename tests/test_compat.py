@@ -2,10 +2,15 @@
 
 * SamplesLoss against the real GeomLoss (the oracle): every loss, both call forms, batched and not,
   values, gradients and potentials.
-* knn_points / knn_gather / chamfer_distance against a brute-force twin of pytorch3d's documented
-  semantics, written below from pytorch3d/ops/knn.py and pytorch3d/loss/chamfer.py (pytorch3d
-  has no CPU wheel, so it cannot be the oracle here): loops over points, no shared code with the
-  implementation under test.
+* SamplesLoss("hausdorff"), which GeomLoss documents but cannot run (geomloss#70): against a dense twin of
+  its authors' definition (values, gradients through the unrolled fixed point), float64 gradcheck, its
+  two limits (the ICP loss; the kernel distance, GeomLoss's own "energy" for p = 1), symmetry and
+  positivity, on every soft-min backend of the dispatch table.
+* knn_points / knn_gather / chamfer_distance against a brute-force twin of pytorch3d 0.7.9's semantics,
+  written below from pytorch3d/ops/knn.py and pytorch3d/loss/chamfer.py (pytorch3d has no CPU wheel,
+  so it cannot be the oracle here): loops over clouds and points, no shared code with the implementation
+  under test; a minimal stand-in for pytorch3d's Pointclouds; empty inputs; pytorch3d's exception types
+  and messages (its own tests' regexes).
 * A GeomLoss training script whose import line is swapped gives the same loss curve.
 
 KeOps compiles one formula per reduction, dtype and dimension on first use (~15-30 s each on a
@@ -15,6 +20,7 @@ CPU), so the KeOps tests use float64, D = 3 and few formulas.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -298,6 +304,15 @@ def test_hausdorff_matches_dense_twin(lead, n, m, p, blur, dtype):
     for name, g, h in zip("axby", g_got, g_want):
         scale = max(1.0, h.abs().max().item())
         assert_close(g, h.to(dtype), rtol=rtol, atol=atol * scale, name=f"dH/d{name}")
+def test_hausdorff_large_odd_clouds():
+    """1000 + 13 against 517 points (float64, values; the twin without autograd)."""
+    a, x, b, y = (t.detach() for t in _hausdorff_inputs((), 1013, 517, seed=25))
+    got = SamplesLoss("hausdorff", blur=0.1)(a, x, b, y)
+    with torch.no_grad():
+        want = twin_hausdorff(a, x, b, y, 0.1, 2, steps=50)  # converged: checked inside
+    assert_close(got, want, rtol=1e-11, atol=1e-12, name="H, 1013 points")
+
+
 @pytest.mark.parametrize("p", [1, 2])
 def test_hausdorff_gradcheck(p):
     """float64 finite differences in the weights and points, batched (the value is a function of (α, x,
@@ -455,65 +470,103 @@ def twin_knn(p1, p2, lengths1, lengths2, norm, K):
     return torch.stack(dists), torch.tensor(idx, dtype=torch.int64), torch.stack(knn)
 
 
-def twin_chamfer(x, y, x_lengths=None, y_lengths=None, x_normals=None, y_normals=None, weights=None,
-                 batch_reduction="mean", point_reduction="mean", norm=2, single_directional=False,
-                 abs_cosine=True):
-    """pytorch3d's chamfer_distance, point by point (see fastlddmm.compat.pytorch3d for the rules)."""
-    N = x.shape[0]
-    xl = torch.full((N,), x.shape[1]) if x_lengths is None else x_lengths
-    yl = torch.full((N,), y.shape[1]) if y_lengths is None else y_lengths
-    with_normals = x_normals is not None and y_normals is not None
+def _to_lists(x, lengths):
+    """(N, P, D) + lengths -> the list of clouds x[n, :lengths[n]] (what pytorch3d's Pointclouds holds)."""
+    n_pts = [x.shape[1]] * x.shape[0] if lengths is None else [int(v) for v in lengths]
+    return [x[n, : n_pts[n]] for n in range(x.shape[0])]
 
-    def direction(x, y, xl, yl, xn, yn):
-        per_point, per_normal = [], []
+
+def twin_chamfer(xs, ys, xns=None, yns=None, weights=None, batch_reduction="mean", point_reduction="mean", norm=2,
+                 single_directional=False, abs_cosine=True, P1=None, P2=None):
+    """pytorch3d's chamfer_distance (0.7.9), cloud by cloud and point by point, on lists of clouds xs[n]: (P_n, D)
+    (with their normals xns[n]). P1, P2: the padded sizes, for the per-point output of point_reduction=None.
+    A cloud with no point is at distance 0, and its gathered normal is 0 (cosine 0). Not for all-zero weights
+    (pytorch3d's early exit, tested on its own)."""
+    N = len(xs)
+    with_normals = xns is not None and yns is not None
+    P1 = max([len(c) for c in xs], default=0) if P1 is None else P1
+    P2 = max([len(c) for c in ys], default=0) if P2 is None else P2
+
+    def direction(xs, ys, xns, yns, P):
+        out_p, out_n = [], []
         for n in range(N):
-            row_p, row_n = [], []
-            for i in range(x.shape[1]):
-                if i >= xl[n]:
-                    row_p.append(x.new_zeros(()))
-                    row_n.append(x.new_zeros(()))
-                    continue
-                if yl[n] == 0:  # no neighbour: distance 0, gathered normal 0 (cosine 0)
-                    row_p.append(x.new_zeros(()))
-                    near_normal = None
+            terms_p, terms_n = [], []
+            for i in range(len(xs[n])):
+                if len(ys[n]) == 0:
+                    d, cos = xs[n].new_zeros(()), xs[n].new_zeros(())
                 else:
-                    ds = [_twin_dist(x[n, i], y[n, j], norm) for j in range(int(yl[n]))]
+                    ds = [_twin_dist(xs[n][i], ys[n][j], norm) for j in range(len(ys[n]))]
                     j = min(range(len(ds)), key=lambda j: ds[j].item())
-                    row_p.append(ds[j])
-                    near_normal = yn[n, j] if with_normals else None
+                    d = ds[j]
+                    if with_normals:
+                        cos = torch.nn.functional.cosine_similarity(xns[n][i][None], yns[n][j][None], eps=1e-6)[0]
+                w = 1.0 if weights is None else weights[n]
+                terms_p.append(d * w)
                 if with_normals:
-                    if near_normal is None:
-                        cos = x.new_zeros(())
-                    else:
-                        cos = torch.nn.functional.cosine_similarity(xn[n, i][None], near_normal[None], eps=1e-6)[0]
-                    row_n.append(1 - (cos.abs() if abs_cosine else cos))
-            per_point.append(torch.stack(row_p))
+                    terms_n.append((1 - (cos.abs() if abs_cosine else cos)) * w)
+            out = []
+            for terms in [terms_p] + ([terms_n] if with_normals else []):
+                zero = xs[n].new_zeros(())
+                if point_reduction is None:
+                    out.append(torch.stack(terms + [zero] * (P - len(terms))) if P else xs[n].new_zeros(0))
+                elif point_reduction == "max":
+                    out.append(torch.stack(terms + [zero]).max())  # padded points count as 0; terms >= 0
+                else:
+                    total = torch.stack(terms + [zero]).sum()
+                    out.append(total / max(len(terms), 1) if point_reduction == "mean" else total)
+            out_p.append(out[0])
             if with_normals:
-                per_normal.append(torch.stack(row_n))
-        terms = [torch.stack(per_point)] + ([torch.stack(per_normal)] if with_normals else [])
-        if weights is not None:
-            terms = [t * weights[:, None] for t in terms]
-        if point_reduction is None:
-            return terms
-        out = []
-        for t in terms:
-            t = t.sum(1)
-            if point_reduction == "mean":
-                t = t / xl.clamp(min=1).to(t.dtype)
-            if batch_reduction is not None:
-                t = t.sum()
-                if batch_reduction == "mean":
-                    t = t / (weights.sum() if weights is not None else N)
-            out.append(t)
-        return out
+                out_n.append(out[1])
+        stack = lambda ts, shape: torch.stack(ts) if ts else xs[0].new_zeros(shape) if xs else torch.zeros(shape)  # noqa: E731
+        shape = (0, P) if point_reduction is None else (0,)
+        return stack(out_p, shape), (stack(out_n, shape) if with_normals else None)
 
-    fx = direction(x, y, xl, yl, x_normals, y_normals)
+    cx, nx = direction(xs, ys, xns, yns, P1)
     if single_directional:
-        return fx[0], (fx[1] if with_normals else None)
-    fy = direction(y, x, yl, xl, y_normals, x_normals)
-    if point_reduction is None:
-        return (fx[0], fy[0]), ((fx[1], fy[1]) if with_normals else None)
-    return fx[0] + fy[0], (fx[1] + fy[1] if with_normals else None)
+        loss, loss_n = cx, nx
+    else:
+        cy, ny = direction(ys, xs, yns, xns, P2)
+        if point_reduction == "max":
+            loss, loss_n = torch.maximum(cx, cy), None
+        elif point_reduction is None:
+            loss, loss_n = (cx, cy), ((nx, ny) if with_normals else None)
+        else:
+            loss, loss_n = cx + cy, (nx + ny if with_normals else None)
+    if batch_reduction is None:
+        return loss, loss_n
+    div = 1 if batch_reduction == "sum" else (weights.sum() if weights is not None else max(N, 1))
+    return loss.sum() / div, (loss_n.sum() / div if loss_n is not None else None)
+
+
+class FakePointclouds:
+    """The part of pytorch3d.structures.Pointclouds that chamfer_distance reads, built as pytorch3d builds it
+    from a list of (P_n, 3) clouds (and normals): zero padding to the largest cloud; an all-empty batch gives
+    (N, 0, 3) float32 points and no normals; a padded (N, P, 3) tensor means N full clouds. No pytorch3d import."""
+
+    def __init__(self, points, normals=None):
+        if torch.is_tensor(points):
+            points = list(points.unbind(0))
+            normals = None if normals is None else list(normals.unbind(0))
+        self._points, self._normals = points, normals
+        self._lengths = torch.tensor([len(p) for p in points], dtype=torch.int64)
+
+    def num_points_per_cloud(self) -> Tensor:
+        return self._lengths
+
+    def _pad(self, clouds):
+        P = max(len(c) for c in clouds)
+        return torch.stack([torch.cat([c, c.new_zeros(P - len(c), c.shape[1])]) if len(c) else c.new_zeros(P, 3)
+                            for c in clouds])
+
+    def points_padded(self) -> Tensor:
+        if not self._points or max(len(p) for p in self._points) == 0:
+            return torch.zeros((len(self._points), 0, 3))
+        return self._pad(self._points)
+
+    def normals_padded(self) -> Tensor | None:
+        if self._normals is None or not self._points or max(len(p) for p in self._points) == 0:
+            return None
+        return self._pad(self._normals)
 
 
 # Heterogeneous batch: a full cloud, a short one (fewer than K = 3 points in p2), an empty p1.
@@ -572,22 +625,32 @@ def test_knn_points_padding_sorting_and_flags():
     out = knn_gather(feats, res.idx, l2)
     assert out.shape == (3, 7, 3, 4)
     assert torch.equal(out[0, 2, 1], feats[0, res.idx[0, 2, 1]]) and torch.all(out[1, :, 2] == 0)
+    # version picks a pytorch3d CUDA kernel: ignored.
+    assert torch.equal(knn_points(p1, p2, l1, l2, K=3, version=2).idx, res.idx)
 
 
-def test_knn_points_bad_input():
+def test_knn_points_l1_gradient_takes_pytorch3d_sign_at_ties():
+    """pytorch3d's L1 backward: d|p1 - p2|/dp1 = +1 if p1 > p2 else -1 per coordinate (-1 at a tie; torch's abs
+    would give 0), and the opposite for p2."""
+    p1 = torch.tensor([[[0.0, 0.0, 1.0]]], dtype=torch.float64, requires_grad=True)
+    p2 = torch.tensor([[[0.0, 1.0, 0.5]]], dtype=torch.float64, requires_grad=True)  # a tie on the first coordinate
+    res = knn_points(p1, p2, norm=1)
+    assert res.dists.item() == 1.5
+    g1, g2 = torch.autograd.grad(res.dists.sum(), (p1, p2))
+    sign = torch.where(p1 > p2, 1.0, -1.0)  # the kernel's rule, written directly
+    assert torch.equal(g1, sign) and torch.equal(g2, -sign)
+
+
+def test_knn_points_accepts_pointclouds_objects():
+    """An extension (pytorch3d's knn_points takes tensors only): a Pointclouds is read as chamfer_distance reads it,
+    its num_points_per_cloud() replacing lengths1 / lengths2."""
     p1, p2 = _clouds(torch.float64, requires_grad=False)
-    with pytest.raises(ValueError, match="norm must be 1 or 2"):
-        knn_points(p1, p2, norm=3)
-    with pytest.raises(ValueError, match="K must be a positive integer"):
-        knn_points(p1, p2, K=0)
-    with pytest.raises(ValueError, match="p1 must have shape"):
-        knn_points(p1[0], p2[0])
-    with pytest.raises(ValueError, match="same batch dimension"):
-        knn_points(p1, p2[:2])
-    with pytest.raises(ValueError, match=r"lengths2 must lie in \[0, 6\]"):
-        knn_points(p1, p2, lengths2=torch.tensor([7, 1, 1]))
-    with pytest.raises(ValueError, match="backend must be"):
-        knn_points(p1, p2, backend="tensorized")
+    l1, l2 = LENGTHS["ragged"]
+    want = knn_points(p1, p2, l1, l2, K=2)
+    got = knn_points(FakePointclouds(_to_lists(p1, l1)), FakePointclouds(_to_lists(p2, l2)), K=2)
+    assert torch.equal(got.idx, want.idx) and torch.equal(got.dists, want.dists)
+    got = knn_points(FakePointclouds(_to_lists(p1, l1)), p2, torch.tensor([0, 0, 0]), l2, K=2)  # lengths1 ignored
+    assert torch.equal(got.idx, want.idx)
 
 
 @pytest.mark.parametrize("K,norm", [(1, 2), (3, 2), (3, 1)])
@@ -624,7 +687,8 @@ def test_knn_points_keops_matches_reference(norm):
         assert_close(u, w, rtol=1e-12, atol=1e-12)
 
 
-REDUCTIONS = [("mean", "mean"), ("sum", "mean"), (None, "mean"), ("mean", "sum"), ("sum", "sum"), (None, "sum"), (None, None)]
+REDUCTIONS = [("mean", "mean"), ("sum", "mean"), (None, "mean"), ("mean", "sum"), ("sum", "sum"), (None, "sum"),
+              ("mean", "max"), ("sum", "max"), (None, "max"), (None, None)]
 
 
 def _flat(t):
@@ -636,30 +700,44 @@ def _flat(t):
     return [t]
 
 
+def _assert_same_outputs(got, want, wrt, *, tol=1e-12, name="chamfer"):
+    """Same structure (tuples, None), shapes, dtypes, values, and gradients of a weighted sum w.r.t. ``wrt``."""
+    got_l, want_l = _flat(got[0]) + _flat(got[1]), _flat(want[0]) + _flat(want[1])
+    assert (got[1] is None) == (want[1] is None), f"{name}: loss_normals None-ness"
+    assert len(got_l) == len(want_l), f"{name}: {len(got_l)} outputs, expected {len(want_l)}"
+    for g, w in zip(got_l, want_l):
+        assert_close(g, w.to(g.dtype), rtol=tol, atol=tol, name=name)
+    total = sum((g * (k + 1)).sum() for k, g in enumerate(got_l))
+    total0 = sum((w * (k + 1)).sum() for k, w in enumerate(want_l))
+    for g, h in zip(torch.autograd.grad(total, wrt, allow_unused=True),
+                    torch.autograd.grad(total0, wrt, allow_unused=True)):
+        g = torch.zeros_like(h) if g is None and h is not None else g
+        h = torch.zeros_like(g) if h is None and g is not None else h
+        if g is not None:
+            assert_close(g, h, rtol=tol, atol=tol, name=f"d {name}")
+
+
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("single_directional", [False, True])
 @pytest.mark.parametrize("lengths", ["full", "ragged"])
 @pytest.mark.parametrize("norm", [1, 2])
 @pytest.mark.parametrize("batch_reduction,point_reduction", REDUCTIONS)
-def test_chamfer_distance_matches_twin(batch_reduction, point_reduction, norm, lengths, single_directional):
+def test_chamfer_distance_matches_twin(batch_reduction, point_reduction, norm, lengths, single_directional, weighted):
     x, y = _clouds(torch.float64)
     xl, yl = LENGTHS[lengths]
-    kw = dict(batch_reduction=batch_reduction, point_reduction=point_reduction, norm=norm,
+    weights = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64, requires_grad=True) if weighted else None
+    kw = dict(weights=weights, batch_reduction=batch_reduction, point_reduction=point_reduction, norm=norm,
               single_directional=single_directional)
-    got, got_n = chamfer_distance(x, y, xl, yl, **kw)
-    want, want_n = twin_chamfer(x, y, xl, yl, **kw)
-    assert got_n is None and want_n is None
-    got_l, want_l = _flat(got), _flat(want)
-    assert len(got_l) == len(want_l) == (1 if point_reduction else (1 if single_directional else 2))
-    for g, w in zip(got_l, want_l):
-        assert g.shape == w.shape
-        assert_close(g, w, rtol=1e-12, atol=1e-12, name="chamfer")
-    total = sum((g * (k + 1)).sum() for k, g in enumerate(got_l))
-    total0 = sum((w * (k + 1)).sum() for k, w in enumerate(want_l))
-    for g, h in zip(torch.autograd.grad(total, (x, y)), torch.autograd.grad(total0, (x, y))):
-        assert_close(g, h, rtol=1e-12, atol=1e-12, name="d chamfer")
+    got = chamfer_distance(x, y, xl, yl, **kw)
+    want = twin_chamfer(_to_lists(x, xl), _to_lists(y, yl), P1=7, P2=6, **kw)
+    assert got[1] is None
+    if point_reduction is None:
+        assert isinstance(got[0], Tensor if single_directional else tuple)
+    wrt = (x, y) + ((weights,) if weighted else ())
+    _assert_same_outputs(got, want, wrt)
 
 
-@pytest.mark.parametrize("point_reduction,batch_reduction", [("mean", "mean"), (None, None)])
+@pytest.mark.parametrize("point_reduction,batch_reduction", [("mean", "mean"), ("sum", None), (None, None)])
 @pytest.mark.parametrize("abs_cosine", [True, False])
 @pytest.mark.parametrize("lengths", ["full", "ragged"])
 def test_chamfer_distance_normals_and_weights_match_twin(abs_cosine, lengths, point_reduction, batch_reduction):
@@ -668,42 +746,247 @@ def test_chamfer_distance_normals_and_weights_match_twin(abs_cosine, lengths, po
     yn = _points(3, 6, 3, seed=13).requires_grad_()
     weights = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
     xl, yl = LENGTHS[lengths]
-    kw = dict(x_normals=xn, y_normals=yn, weights=weights, abs_cosine=abs_cosine,
-              point_reduction=point_reduction, batch_reduction=batch_reduction)
-    got, got_n = chamfer_distance(x, y, xl, yl, **kw)
-    want, want_n = twin_chamfer(x, y, xl, yl, **kw)
-    got_l, want_l = _flat(got) + _flat(got_n), _flat(want) + _flat(want_n)
-    assert len(got_l) == len(want_l) == (2 if point_reduction else 4)
-    for g, w in zip(got_l, want_l):
-        assert_close(g, w, rtol=1e-12, atol=1e-12, name="chamfer with normals")
-    total = sum((g * (k + 1)).sum() for k, g in enumerate(got_l))
-    total0 = sum((w * (k + 1)).sum() for k, w in enumerate(want_l))
-    for g, h in zip(torch.autograd.grad(total, (x, y, xn, yn)), torch.autograd.grad(total0, (x, y, xn, yn))):
-        assert_close(g, h, rtol=1e-12, atol=1e-12, name="d chamfer with normals")
+    kw = dict(weights=weights, abs_cosine=abs_cosine, point_reduction=point_reduction, batch_reduction=batch_reduction)
+    got = chamfer_distance(x, y, xl, yl, x_normals=xn, y_normals=yn, **kw)
+    want = twin_chamfer(_to_lists(x, xl), _to_lists(y, yl), _to_lists(xn, xl), _to_lists(yn, yl), P1=7, P2=6, **kw)
+    assert got[1] is not None
+    _assert_same_outputs(got, want, (x, y, xn, yn), name="chamfer with normals")
 
 
-def test_chamfer_distance_conventions():
+@pytest.mark.parametrize("with_normals", [False, True])
+@pytest.mark.parametrize("point_reduction", ["mean", "sum", None])
+def test_chamfer_distance_reads_pointclouds_like_pytorch3d(with_normals, point_reduction):
+    """Pointclouds objects (points_padded, num_points_per_cloud, normals_padded) give the twin's values, and
+    gradients reach the tensors the clouds were built from; x_lengths / x_normals are then ignored."""
+    gen = torch.Generator().manual_seed(14)
+    sizes_x, sizes_y = [5, 1, 8], [3, 6, 0]
+    xs = [torch.randn(n, 3, generator=gen, dtype=torch.float64).requires_grad_() for n in sizes_x]
+    ys = [torch.randn(n, 3, generator=gen, dtype=torch.float64).requires_grad_() for n in sizes_y]
+    xns = [torch.randn(n, 3, generator=gen, dtype=torch.float64).requires_grad_() for n in sizes_x] if with_normals else None
+    yns = [torch.randn(n, 3, generator=gen, dtype=torch.float64).requires_grad_() for n in sizes_y] if with_normals else None
+    batch = "mean" if point_reduction else None
+    kw = dict(point_reduction=point_reduction, batch_reduction=batch)
+    got = chamfer_distance(FakePointclouds(xs, xns), FakePointclouds(ys, yns), **kw)
+    want = twin_chamfer(xs, ys, xns, yns, P1=8, P2=6, **kw)
+    _assert_same_outputs(got, want, tuple(xs + ys + (xns or []) + (yns or [])), name="Pointclouds")
+    # The lengths / normals arguments are ignored for a Pointclouds (pytorch3d reads the object only) ...
+    again = chamfer_distance(FakePointclouds(xs, xns), FakePointclouds(ys, yns), x_lengths=torch.tensor([1, 1, 1]),
+                             x_normals=torch.ones(3, 8, 3, dtype=torch.float64), **kw)
+    for g, w in zip(_flat(again[0]) + _flat(again[1]), _flat(got[0]) + _flat(got[1])):
+        assert torch.equal(g, w)
+    # ... and a Pointclouds mixes with a padded tensor and its lengths.
+    padded = FakePointclouds(ys).points_padded()
+    mixed = chamfer_distance(FakePointclouds(xs), padded, y_lengths=torch.tensor(sizes_y), **kw)
+    for g, w in zip(_flat(mixed[0]), _flat(twin_chamfer(xs, ys, P1=8, P2=6, **kw)[0])):
+        assert_close(g, w, rtol=1e-12, atol=1e-12, name="mixed")
+
+
+def test_chamfer_distance_max_reduction():
+    """point_reduction="max" (pytorch3d >= 0.7.8): the Hausdorff distance; refuses normals."""
     x, y = _clouds(torch.float64, requires_grad=False)
-    # Defaults: batch mean of fl.chamfer (squared L2, means over points, both directions).
+    h, h_n = chamfer_distance(x, y, point_reduction="max", batch_reduction=None)
+    d2 = ((x[:, :, None] - y[:, None]) ** 2).sum(-1)  # (N, P1, P2)
+    want = torch.maximum(d2.min(2).values.max(1).values, d2.min(1).values.max(1).values)  # squared Hausdorff distance
+    assert h_n is None and torch.equal(h, want)
+    with pytest.raises(ValueError, match=re.escape('Normals must be None if point_reduction is "max"')):
+        chamfer_distance(x, y, x_normals=x, point_reduction="max")
+    clouds = lambda t: FakePointclouds(list(t.unbind(0)), list(t.unbind(0)))  # noqa: E731 - with normals
+    with pytest.raises(AssertionError):
+        chamfer_distance(clouds(x), clouds(y), point_reduction="max")
+    # Normals on one side only (from a Pointclouds): no normal term, no error.
+    assert chamfer_distance(clouds(x), y, point_reduction="max")[1] is None
+
+
+def test_chamfer_distance_zero_weights_early_exit():
+    """pytorch3d's test_incorrect_weights: all-zero weights give a zero that keeps the graph, for the loss and
+    the normals alike (not None), an (N, N) matrix without batch reduction."""
+    x, y = _clouds(torch.float32)
+    weights = torch.zeros(3)
+    loss, loss_n = chamfer_distance(x, y, weights=weights, batch_reduction="mean")
+    assert loss.shape == loss_n.shape == () and loss.item() == loss_n.item() == 0.0
+    assert loss.requires_grad and loss_n.requires_grad
+    loss, loss_n = chamfer_distance(x, y, weights=weights, batch_reduction=None)
+    assert loss.shape == loss_n.shape == (3, 3) and not loss.any() and not loss_n.any() and loss.requires_grad
+    loss, loss_n = chamfer_distance(x, y, weights=weights, batch_reduction=None, point_reduction="max")
+    assert loss.shape == (3, 3) and loss_n is None
+    loss, loss_n = chamfer_distance(x, y, weights=weights, batch_reduction=None, point_reduction=None)
+    assert [t.shape for t in loss] == [t.shape for t in loss_n] == [(3, 3), (3, 3)]
+    loss, loss_n = chamfer_distance(x, y, weights=weights.double(), batch_reduction=None)
+    assert loss.dtype == torch.float64  # pytorch3d's early exit promotes (it is out of place there)
+    assert chamfer_distance(x, y, weights=torch.ones(3, dtype=torch.float64))[0].dtype == torch.float32  # in place
+
+
+def test_chamfer_distance_defaults_are_fl_chamfer():
+    x, y = _clouds(torch.float64, requires_grad=False)
     loss, loss_n = chamfer_distance(x, y)
     assert loss_n is None and loss.shape == ()
     assert_close(loss, fl_chamfer(x, y, backend="reference").mean(), rtol=1e-12, atol=1e-12)
-    # Normals given on one side only: no normal term.
-    assert chamfer_distance(x, y, x_normals=x)[1] is None
-    # All-zero weights: pytorch3d's early exit, a zero for the loss and for the normals alike.
-    zero, zero_n = chamfer_distance(x, y, weights=torch.zeros(3, dtype=torch.float64))
-    assert zero.shape == () and float(zero) == 0.0 and zero_n is not None and float(zero_n) == 0.0
-    zero, _ = chamfer_distance(x, y, weights=torch.zeros(3, dtype=torch.float64), batch_reduction=None)
-    assert zero.shape == (3, 3) and torch.all(zero == 0)
-    # Reduction arguments, in pytorch3d's words.
-    with pytest.raises(ValueError, match="batch_reduction must be None when point_reduction is None"):
-        chamfer_distance(x, y, point_reduction=None)
-    with pytest.raises(ValueError, match="point_reduction must be one of"):
-        chamfer_distance(x, y, point_reduction="max")
-    with pytest.raises(ValueError, match="weights cannot be negative"):
-        chamfer_distance(x, y, weights=torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64))
-    with pytest.raises(TypeError, match="Pointclouds"):
-        chamfer_distance([x], y)
+    assert chamfer_distance(x, y, x_normals=x)[1] is None  # normals on one side only: no normal term
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])  # float32: sums of 1e3 terms
+def test_chamfer_distance_large_odd_clouds(dtype, tol):
+    """1000 + 13 against 517 points, ragged: the dense formula (mins of the squared-distance matrix)."""
+    x = _points(2, 1013, 3, dtype=dtype, seed=18)
+    y = _points(2, 517, 3, dtype=dtype, seed=19, shift=0.2)
+    xl, yl = torch.tensor([1013, 700]), torch.tensor([517, 333])
+    d2 = ((x.double()[:, :, None] - y.double()[:, None]) ** 2).sum(-1)  # (2, 1013, 517)
+    d2 = d2.masked_fill(torch.arange(517)[None, None, :] >= yl[:, None, None], math.inf)
+    d2 = d2.masked_fill(torch.arange(1013)[None, :, None] >= xl[:, None, None], math.inf)
+    to_y = [d2[n, : xl[n]].min(1).values for n in range(2)]
+    to_x = [d2[n, :, : yl[n]].min(0).values for n in range(2)]
+    want = torch.stack([to_y[n].mean() + to_x[n].mean() for n in range(2)])
+    got, _ = chamfer_distance(x, y, xl, yl, batch_reduction=None)
+    assert_close(got, want.to(dtype), rtol=tol, atol=tol, name="chamfer, 1013 points")
+    want_max = torch.stack([torch.maximum(to_y[n].max(), to_x[n].max()) for n in range(2)])
+    got_max, _ = chamfer_distance(x, y, xl, yl, batch_reduction=None, point_reduction="max")
+    assert_close(got_max, want_max.to(dtype), rtol=tol, atol=tol, name="max, 1013 points")
+
+
+# ---- empty batches and clouds -----------------------------------------------------------------
+
+
+def test_empty_clouds_as_in_pytorch3d_tests():
+    """pytorch3d's own test_empty_clouds: point_reduction does not divide by zero, nor batch_reduction."""
+    points1 = FakePointclouds([torch.zeros(0, 3), torch.zeros(10, 3)])
+    points2 = FakePointclouds(torch.ones(2, 40, 3))
+    loss, _ = chamfer_distance(points1, points2, batch_reduction=None)
+    assert torch.equal(loss, torch.tensor([0.0, 6.0]))
+    loss2, _ = chamfer_distance(FakePointclouds([]), FakePointclouds([]))
+    assert loss2.shape == () and float(loss2) == 0.0
+
+
+@pytest.mark.parametrize("shapes", [((0, 5, 3), (0, 4, 3)), ((2, 0, 3), (2, 4, 3)), ((2, 5, 3), (2, 0, 3)),
+                                    ((2, 0, 3), (2, 0, 3)), ((0, 0, 3), (0, 0, 3))])
+def test_empty_inputs_give_pytorch3d_results(shapes):
+    """Empty batch / clouds with no points: zeros of the documented shapes, in the graph (zero gradients)."""
+    x = torch.randn(*shapes[0], dtype=torch.float64, requires_grad=True)
+    y = torch.randn(*shapes[1], dtype=torch.float64, requires_grad=True)
+    N, P1, P2 = x.shape[0], x.shape[1], y.shape[1]
+    for K in (1, 3):
+        res = knn_points(x, y, K=K, return_sorted=N > 0)  # N = 0 with K > 1 sorted raises (test below)
+        assert res.dists.shape == res.idx.shape == (N, P1, K) and not res.dists.any() and not res.idx.any()
+        assert res.idx.dtype == torch.int64
+    if P2 > 0 or P1 == 0:
+        if N > 0:
+            assert knn_points(x, y, K=2, return_nn=True).knn.shape == (N, P1, 2, 3)
+    for batch_reduction, point_reduction in REDUCTIONS:
+        if point_reduction == "max" and (P1 == 0 or P2 == 0):
+            continue  # pytorch3d's IndexError (below)
+        loss, loss_n = chamfer_distance(x, y, point_reduction=point_reduction, batch_reduction=batch_reduction)
+        want = twin_chamfer(_to_lists(x, None), _to_lists(y, None), point_reduction=point_reduction,
+                            batch_reduction=batch_reduction, P1=P1, P2=P2)
+        assert loss_n is None
+        for g, w in zip(_flat(loss), _flat(want[0])):
+            assert g.shape == w.shape and not g.any(), (point_reduction, batch_reduction, g)
+        total = sum(t.sum() for t in _flat(loss))
+        gx, gy = torch.autograd.grad(total, (x, y))
+        assert not gx.any() and not gy.any()
+
+
+def test_empty_inputs_raise_where_pytorch3d_raises():
+    """Where pytorch3d fails on empty inputs, the same exception type, and a message saying why."""
+    e = torch.zeros(0, 5, 3)
+    with pytest.raises(RuntimeError, match="empty batch"):  # its lengths.max() of an empty tensor
+        chamfer_distance(e, e, x_lengths=torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="empty batch"):  # its knn_gather's lengths.min()
+        chamfer_distance(e, e, x_normals=e, y_normals=e)
+    x, none = torch.randn(2, 5, 3), torch.zeros(2, 0, 3)
+    with pytest.raises(RuntimeError, match="no points"):  # knn_gather's index 0 into an empty cloud tensor
+        chamfer_distance(x, none, x_normals=x, y_normals=none)
+    with pytest.raises(RuntimeError, match="no points"):  # the same, from the y -> x direction
+        chamfer_distance(none, x, x_normals=none, y_normals=x)
+    assert chamfer_distance(none, x, x_normals=none, y_normals=x, single_directional=True)[1] == 0
+    with pytest.raises(IndexError, match="no points"):  # max over an empty dimension
+        chamfer_distance(none, x, point_reduction="max")
+    with pytest.raises(IndexError, match="no points"):
+        chamfer_distance(x, none, point_reduction="max")
+    assert chamfer_distance(x, none, point_reduction="max", single_directional=True)[0] == 0
+    with pytest.raises(RuntimeError, match="empty batch"):  # its lengths2.min() before sorting
+        knn_points(e, e, K=3)
+    with pytest.raises(RuntimeError, match="empty batch"):  # knn_gather's lengths.min()
+        knn_points(e, e, return_nn=True)
+    with pytest.raises(RuntimeError, match="no points"):
+        knn_points(x, none, return_nn=True)
+    with pytest.raises(RuntimeError, match="empty batch"):
+        knn_gather(e, torch.zeros(0, 5, 1, dtype=torch.int64))
+    # knn_points does not check lengths in pytorch3d: an empty batch with lengths works.
+    assert knn_points(e, e, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)).dists.shape == (0, 5, 1)
+
+
+# ---- errors, in pytorch3d's words and types -----------------------------------------------------
+
+P3D_ERRORS = [
+    # (call, exception types pytorch3d raises, pytorch3d's message (a regex, as its own tests use))
+    (lambda x, y, n: chamfer_distance(x, y, batch_reduction="max"), (ValueError,), "batch_reduction must be one of"),
+    (lambda x, y, n: chamfer_distance(x, y, point_reduction="min"), (ValueError,), "point_reduction must be one of"),
+    (lambda x, y, n: chamfer_distance(x, y, point_reduction=None), (ValueError,),
+     "Batch reduction must be None if point_reduction is None"),
+    (lambda x, y, n: chamfer_distance(x, y, norm=0), (ValueError,), re.escape("Support for 1 or 2 norm.")),
+    (lambda x, y, n: chamfer_distance(x, y, norm=3), (ValueError,), re.escape("Support for 1 or 2 norm.")),
+    (lambda x, y, n: knn_points(x, y, norm=3), (ValueError,), re.escape("Support for 1 or 2 norm.")),
+    (lambda x, y, n: chamfer_distance(x, y, x_normals=n[None]), (ValueError,), "Expected normals to be of shape"),
+    (lambda x, y, n: chamfer_distance(x[None], y), (ValueError,), "Expected points to be of shape"),
+    (lambda x, y, n: chamfer_distance(x, y, x_lengths=torch.tensor([1, 2, 3])), (ValueError,),
+     re.escape("Expected lengths to be of shape (N,)")),
+    (lambda x, y, n: chamfer_distance(x, y, x_lengths=torch.full((7,), 11)), (ValueError,), "A length value was too long"),
+    (lambda x, y, n: chamfer_distance(x=[1, 1, 1], y=[1, 1, 1]), (ValueError,), "Pointclouds objects or torch.Tensor"),
+    (lambda x, y, n: chamfer_distance(x, y[:3]), (ValueError,), re.escape("y does not have the correct shape.")),
+    (lambda x, y, n: chamfer_distance(x, y[..., :2]), (ValueError,), re.escape("y does not have the correct shape.")),
+    (lambda x, y, n: chamfer_distance(x, y, weights=-torch.ones(7)), (ValueError,), re.escape("weights cannot be negative.")),
+    (lambda x, y, n: chamfer_distance(x, y, weights=torch.zeros(6)), (ValueError,), re.escape("weights must be of shape (N,).")),
+    (lambda x, y, n: chamfer_distance(x, y, x_normals=n, point_reduction="max"), (ValueError,),
+     re.escape('Normals must be None if point_reduction is "max"')),
+    (lambda x, y, n: knn_points(x, y[:3]), (ValueError,), re.escape("pts1 and pts2 must have the same batch dimension.")),
+    (lambda x, y, n: knn_points(x, y[..., :2]), (ValueError,), re.escape("pts1 and pts2 must have the same point dimension.")),
+    (lambda x, y, n: knn_gather(y, torch.zeros(3, 4, 1, dtype=torch.int64)), (ValueError,),
+     re.escape("x and idx must have same batch dimension.")),
+    # Not a tensor: pytorch3d's knn_points and its lengths / normals / weights checks raise AttributeError.
+    (lambda x, y, n: knn_points([1, 1, 1], y), (AttributeError, TypeError), "object has no attribute"),
+    (lambda x, y, n: chamfer_distance(x, y, x_lengths=[10] * 7), (AttributeError, TypeError), "object has no attribute"),
+    (lambda x, y, n: chamfer_distance(x, y, x_normals=n.tolist()), (AttributeError, TypeError), "object has no attribute"),
+    (lambda x, y, n: chamfer_distance(x, y, weights=[1.0] * 7), (AttributeError, TypeError), "object has no attribute"),
+    # Where pytorch3d fails inside torch or its kernel: RuntimeError / IndexError (ours says what is wrong).
+    (lambda x, y, n: chamfer_distance(x, y, x_normals=n[:, :5], y_normals=y), (RuntimeError, ValueError),
+     "Expected normals to be of shape"),
+    (lambda x, y, n: chamfer_distance(x, y.double()), (RuntimeError, TypeError), "same dtype"),
+    (lambda x, y, n: knn_points(x, y, lengths1=torch.full((7,), 2.0)), (RuntimeError, TypeError), "expected scalar type Long"),
+    (lambda x, y, n: chamfer_distance(x.half(), y.half()), (RuntimeError, TypeError), "float32 or float64"),
+    (lambda x, y, n: knn_points(x[0], y[0]), (IndexError, ValueError), "Expected points to be of shape"),
+    (lambda x, y, n: chamfer_distance(x, y, weights=torch.tensor(1.0)), (IndexError, ValueError),
+     re.escape("weights must be of shape (N,).")),
+    (lambda x, y, n: chamfer_distance(x, y, weights=torch.ones(7, 2)), (RuntimeError, ValueError),
+     re.escape("weights must be of shape (N,).")),
+]
+
+
+@pytest.mark.parametrize("call,types,message", P3D_ERRORS)
+def test_errors_have_pytorch3d_types_and_words(call, types, message):
+    """pytorch3d's own tests (test_chamfer.py: test_incorrect_inputs, test_invalid_norm, test_incorrect_weights,
+    reductions) and the types pytorch3d raises elsewhere: each of them catches ours."""
+    x = _points(7, 10, 3, dtype=torch.float32, seed=15)
+    y = _points(7, 18, 3, dtype=torch.float32, seed=16)
+    normals = _points(7, 10, 3, dtype=torch.float32, seed=17)
+    for exc_type in types:
+        with pytest.raises(exc_type, match=message):
+            call(x, y, normals)
+
+
+def test_more_permissive_and_stricter_than_pytorch3d():
+    x, y = _clouds(torch.float64, requires_grad=False)
+    # norm compares == 1 or == 2 as in pytorch3d; float64 and int32 lengths run.
+    assert_close(chamfer_distance(x, y, norm=2.0)[0], chamfer_distance(x, y)[0], rtol=0, atol=0)
+    lengths = torch.tensor([7, 3, 1], dtype=torch.int32)
+    assert_close(chamfer_distance(x, y, x_lengths=lengths)[0], chamfer_distance(x, y, x_lengths=lengths.long())[0],
+                 rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 7\]"):  # pytorch3d reads negative lengths as 0
+        chamfer_distance(x, y, x_lengths=torch.tensor([7, -1, 1]))
+    with pytest.raises(ValueError, match="A length value was too long"):  # pytorch3d's knn_points does not check
+        knn_points(x, y, lengths2=torch.tensor([7, 1, 1]))
+    with pytest.raises(ValueError, match="K must be a positive integer"):
+        knn_points(x, y, K=0)
+    with pytest.raises(ValueError, match="backend must be"):
+        knn_points(x, y, backend="tensorized")
 
 
 # ================================================================================================

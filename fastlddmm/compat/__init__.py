@@ -5,7 +5,8 @@
 
 Same signatures, call forms, return types and values; options that fastlddmm does not reproduce
 raise an error naming them. The conventions followed are listed in fastlddmm.compat.geomloss and
-fastlddmm.compat.pytorch3d.
+fastlddmm.compat.pytorch3d (which also reads pytorch3d Pointclouds objects, without importing pytorch3d);
+SamplesLoss("hausdorff"), which GeomLoss documents but cannot run, is defined in fastlddmm.compat.hausdorff.
 """
 
 from .geomloss import SamplesLoss
