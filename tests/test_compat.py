@@ -304,6 +304,36 @@ def test_hausdorff_matches_dense_twin(lead, n, m, p, blur, dtype):
     for name, g, h in zip("axby", g_got, g_want):
         scale = max(1.0, h.abs().max().item())
         assert_close(g, h.to(dtype), rtol=rtol, atol=atol * scale, name=f"dH/d{name}")
+@pytest.mark.parametrize("blur", [0.5, 0.01])
+def test_hausdorff_zero_weights(blur):
+    """A zero-weight point is absent: value and gradients are those of the clouds without it (the twin),
+    and finite even where its own α-derivative overflows (blur = 0.01: H ~ -eps log(1 + δ v) in the mass
+    δ added there, whose slope at 0 is huge). At blur = 0.5 that derivative is the one-sided difference's."""
+    a, x, b, y = _hausdorff_inputs((), 7, 5, seed=20)
+    a = a.detach().clone()
+    a[2] = 0.0
+    a = (a / a.sum()).requires_grad_()
+    loss = SamplesLoss("hausdorff", blur=blur)
+    h = loss(a, x, b, y)
+    got = torch.autograd.grad(h, (a, x, b, y))
+    keep = [0, 1, 3, 4, 5, 6]
+    leaves = [a.detach()[keep].requires_grad_(), x.detach()[keep].requires_grad_(), b.detach().requires_grad_(),
+              y.detach().requires_grad_()]
+    want = twin_hausdorff(*leaves, blur, 2)
+    assert_close(h, want, rtol=1e-12, atol=1e-13, name="H")
+    g_want = torch.autograd.grad(want, leaves)
+    for name, g, w in (("a", got[0][keep], g_want[0]), ("x", got[1][keep], g_want[1]), ("b", got[2], g_want[2]),
+                       ("y", got[3], g_want[3])):
+        assert_close(g, w, rtol=1e-10, atol=1e-11, name=f"dH/d{name}")
+    assert not got[1][2].any()  # a point without mass has no gradient
+    if blur == 0.5:
+        delta = 1e-7
+        moved = a.detach().clone()
+        moved[2] = delta
+        slope = ((loss(moved, x, b, y) - h) / delta).item()
+        assert math.isclose(got[0][2].item(), slope, rel_tol=1e-4), (got[0][2].item(), slope)
+
+
 def test_hausdorff_large_odd_clouds():
     """1000 + 13 against 517 points (float64, values; the twin without autograd)."""
     a, x, b, y = (t.detach() for t in _hausdorff_inputs((), 1013, 517, seed=25))

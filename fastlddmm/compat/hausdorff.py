@@ -43,6 +43,11 @@ weights are multiplied by u + c > 0, minus c ∇a, since P is row-stochastic). S
 is taped as soft-mins differentiated in their query points only (the soft-min contract), through a
 surrogate whose value is H and whose gradient is the one above; (I + P) u = v is solved by Richardson
 steps (I + P has its spectrum in [1, 2]: rate 1/3). First derivatives only.
+
+Zero weights: such a point is absent (value and other gradients as without it; no gradient in its
+position). Its own α-derivative ½ (b(x_k) - a(x_k) + eps/2 - eps u_k) is exact and may be huge or -inf
+at small blur: in the mass δ put there, H moves like -(eps/2) log(1 + δ v_k) with v_k = exp((a_k - G_k) / eps),
+a slope that is large at δ = 0 only.
 """
 
 from __future__ import annotations
@@ -83,6 +88,21 @@ def _solve(softmin, eps: float, c_xx: object, h: Tensor, f0: Tensor, v: Tensor) 
     return u
 
 
+class _WithGradient(torch.autograd.Function):
+    """Value 0 (B,), gradient ``grad`` (B, N) for ``t``: injects a gradient that may be huge (a zero weight
+    next to the other cloud) without multiplying it by a zero in the forward pass (inf · 0 = NaN)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, grad: Tensor) -> Tensor:  # (B, N), (B, N) -> (B,)
+        ctx.save_for_backward(grad)
+        return t.new_zeros(t.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # (B,)
+        (grad,) = ctx.saved_tensors
+        return grad_out[:, None] * grad, None
+
+
 def _cross_term_correction(
     softmin,
     eps: float,
@@ -99,18 +119,23 @@ def _cross_term_correction(
     g = softmin(eps, c_xy, beta_log + a_y.detach() / eps)  # (B, N) G, taped in x
     with torch.no_grad():
         f0 = a_x.detach()
-        v = torch.exp((f0 - g) / eps)  # w / α, written without dividing by α (zero weights)
-        u = _solve(softmin, eps, c_xx, h_a, f0, v)
+        a0 = alpha.detach()
+        live = a0 > 0
+        # v = w / α, written without dividing by α. At a zero weight it may overflow (exp of a large
+        # (a - G) / eps), but such a point has no column in P: solve with v = 0 there (its row then reads
+        # u_k = -(P u)_k), and add v_k back for its α-gradient only.
+        v = torch.exp((f0 - g) / eps)
+        u = _solve(softmin, eps, c_xx, h_a, f0, torch.where(live, v, 0.0))
         c = _positive_shift(u)
         h_u = h_a + torch.log(u + c)
     f_u = softmin(eps, c_xx, h_u)  # taped in x: ∇f_u,i = Σ_m P_im (u_m + c) ∇C / (P (u + c))_i
     with torch.no_grad():
         s = torch.exp((f0 - f_u.detach()) / eps)  # P (u + c)
-        a0 = alpha.detach()
-        coef_g, coef_a, coef_u = a0 * v, a0 * (u - c), a0 * s
+        coef_g, coef_a, coef_u = torch.where(live, a0 * v, 0.0), a0 * (u - c), a0 * s
+        grad_alpha = -eps * torch.where(live, u, v + u)  # -eps u_k, u_k = v_k - (P u)_k at a zero weight
     zero = lambda t: t - t.detach()  # noqa: E731 - value 0, gradient that of t
     return ((coef_g * zero(g)).sum(-1) - (coef_a * zero(a_x)).sum(-1) - (coef_u * zero(f_u)).sum(-1)
-            - eps * (u * zero(alpha)).sum(-1))
+            + _WithGradient.apply(alpha, grad_alpha))
 
 
 def divergence(
