@@ -1,9 +1,11 @@
 """GeomLoss's ``SamplesLoss("hausdorff")``, which GeomLoss documents but cannot run (jeanfeydy/geomloss#70).
 
-The definition (J. Feydy, A. Trouvé, "Global divergences between measures: from Hausdorff distance to
-Optimal Transport", ShapeMI 2018; Feydy et al., "Interpolating between Optimal Transport and MMD using
-Sinkhorn Divergences", AISTATS 2019; the authors' reference code, jeanfeydy/global-divergences,
-common/sinkhorn_balanced.py, ``hausdorff_divergence``):
+The definition is its authors' (J. Feydy, A. Trouvé, "Global divergences between measures: from Hausdorff
+distance to Optimal Transport", ShapeMI 2018; Feydy et al., "Interpolating between Optimal Transport and MMD
+using Sinkhorn Divergences", AISTATS 2019), taken formula for formula from the reference code they wrote
+for those papers (jeanfeydy/global-divergences @3ba82ef, common/sinkhorn_balanced.py and
+sinkhorn_balanced_simple.py, ``hausdorff_divergence`` and ``sym_sink``). GeomLoss itself never had it: in
+every commit of jeanfeydy/geomloss, "hausdorff" is routed to the kernel routines with no kernel name.
 
     H_eps(α, β) = ½ < α - β, ∇F_eps(α) - ∇F_eps(β) >,   F_eps(α) = -½ OT_eps(α, α),
 
