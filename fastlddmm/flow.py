@@ -144,20 +144,23 @@ class ResNetFlow(nn.Module):
             x = guess
         return x
 
-    def jacobian_determinant(self, x: Tensor, *, chunk: int | None = None) -> Tensor:  # (..., D) -> (...)
-        """det Dφ_1(x_i) for each point, by autograd (D backward passes). > 0 everywhere: no fold.
+    def jacobian(self, x: Tensor, *, chunk: int | None = None) -> Tensor:  # (..., D) -> (..., D, D)
+        """Dφ_1(x_i) for each point, by autograd (D backward passes): jac[..., k, :] = ∇ φ_k.
 
         Points go through in chunks of ``chunk`` (default: about 256 MB of stored activations, L·H numbers a
         point), so that dense grids and clouds of millions of points fit in memory."""
         x = self._check_input(x)
         chunk = self._chunk(chunk, self.layers * self.width)
-        return self._by_chunks(self._jacobian_determinant, x.detach(), chunk)
+        return self._by_chunks(self._jacobian, x.detach(), chunk)
 
-    def _jacobian_determinant(self, x: Tensor) -> Tensor:  # (K, D) -> (K,)
+    def jacobian_determinant(self, x: Tensor, *, chunk: int | None = None) -> Tensor:  # (..., D) -> (...)
+        """det Dφ_1(x_i) for each point (see jacobian). > 0 everywhere: no fold."""
+        return torch.linalg.det(self.jacobian(x, chunk=chunk))
+
+    def _jacobian(self, x: Tensor) -> Tensor:  # (K, D) -> (K, D, D)
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)
             y = _ref.euler_flow(xr, *self.params(), self.dt, self.activation)[0]
             rows = [torch.autograd.grad(y[..., k].sum(), xr, retain_graph=k + 1 < self.dim)[0]
                     for k in range(self.dim)]
-        jac = torch.stack(rows, dim=-2)  # (K, D, D): jac[:, k, :] = ∇ y_k
-        return torch.linalg.det(jac).detach()
+        return torch.stack(rows, dim=-2).detach()  # (K, D, D): jac[:, k, :] = ∇ y_k

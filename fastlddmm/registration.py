@@ -11,7 +11,8 @@ The returned Registration maps points given in the original coordinates.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +24,7 @@ from . import dispatch
 from ._atomic import atomic_write
 from ._validation import check_choice, check_pair, check_points, check_positive
 from .flow import ResNetFlow
+from .mesh import FLIP_WARNING, FoldWarning, check_faces
 from .ops.flow.reference import ACTIVATIONS
 
 DATA_TERMS = ("sinkhorn", "chamfer", "l2")
@@ -30,16 +32,21 @@ OPTIMIZERS = ("adam", "lbfgs")
 _FORMAT_VERSION = 1
 
 
+QUALITIES = ("fast", "balanced", "best")
+
+
 @dataclass(frozen=True)
 class RegisterDefaults:
     """register()'s defaults, in one place: the command line reads them too (and its choices come from
-    DATA_TERMS, OPTIMIZERS, ACTIVATIONS and fastlddmm.dispatch.BACKENDS)."""
+    DATA_TERMS, OPTIMIZERS, ACTIVATIONS, QUALITIES and fastlddmm.dispatch.BACKENDS). The settings marked
+    "preset" are None here: a None argument takes the value of the quality preset (PRESETS)."""
 
+    quality: str = "fast"
     data_term: str = "sinkhorn"
-    sigma: float = 0.1
-    width: int = 128
-    layers: int = 10
-    steps: int = 500
+    sigma: float | None = None  # preset
+    width: int | None = None  # preset
+    layers: int | None = None  # preset
+    steps: int | None = None  # preset
     lr: float | None = None  # 5e-3 for Adam, 1.0 for L-BFGS
     optimizer: str = "adam"
     activation: str = "relu"
@@ -51,6 +58,53 @@ class RegisterDefaults:
 
 DEFAULTS = RegisterDefaults()
 DEFAULT_LR = {"adam": 5e-3, "lbfgs": 1.0}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a registration's schedule: ``steps`` optimiser steps with these settings.
+
+    None means register()'s own value (its ``data_term``, ``sigma``, ``blur``, ``optimizer``, ``lr``).
+    ``points``: optimise on a fixed random subset of at most this many source and target points (the same
+    subset for the whole stage, drawn from the seed and the stage's index; None: every point). Coarse stages
+    on a few thousand points cost a fraction of a full step and see the same large-scale shape.
+    The optimiser starts afresh at each stage (Adam's moments, L-BFGS's memory).
+    """
+
+    steps: int
+    data_term: str | None = None
+    sigma: float | None = None
+    blur: float | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    points: int | None = None
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A quality preset: the flow's size, the final σ and a schedule written relative to ``steps`` and σ.
+
+    ``stages``: (fraction of steps, σ factor, blur factor, points or None) for each Adam (or ``optimizer``)
+    stage, coarse to fine; the last factors should be 1 (the fit ends at the σ and blur asked for).
+    ``refine``: L-BFGS steps added at the end, at the final σ and blur, on every point (0: none).
+    """
+
+    width: int
+    layers: int
+    steps: int
+    sigma: float
+    stages: tuple[tuple[float, float, float, int | None], ...]
+    refine: int = 0
+
+
+# Measured in benchmarks/articulated.py (see the README, "Registration quality"): budgets are relative to
+# "fast", whose cost is that of register()'s defaults before presets existed (500 Adam steps, width 128,
+# 10 layers, every point).
+PRESETS = {
+    "fast": Preset(width=128, layers=10, steps=500, sigma=0.1, stages=((1.0, 1.0, 1.0, None),)),
+    "balanced": Preset(width=128, layers=10, steps=500, sigma=0.1, stages=((1.0, 1.0, 1.0, None),)),
+    "best": Preset(width=128, layers=10, steps=500, sigma=0.1, stages=((1.0, 1.0, 1.0, None),)),
+}
 
 
 class RegistrationDiverged(RuntimeError):
@@ -85,12 +139,14 @@ class Registration:
         flow: the ResNetFlow (acting in normalised coordinates).
         center: (D,) and scale: float, with normalised = (x - center) / scale.
         config: the arguments of register() (plain dict).
-        history: {"loss", "data", "energy"}: one value per optimisation step.
+        history: {"loss", "data", "energy", "stage"}: one value per optimisation step ("stage": the index
+            of the schedule's stage the step belongs to, config["schedule"][stage]).
         source, target: the clouds it was fitted on (original coordinates, CPU tensors).
+        faces: (F, 3) int64 triangles of the source when it is a mesh, else None.
     """
 
     def __init__(self, flow: ResNetFlow, center: Tensor, scale: float, config: dict, history: dict,
-                 source: Tensor | None = None, target: Tensor | None = None):
+                 source: Tensor | None = None, target: Tensor | None = None, faces: Tensor | None = None):
         self.flow = flow
         self.center = center
         self.scale = float(scale)
@@ -98,6 +154,7 @@ class Registration:
         self.history = {k: list(v) for k, v in history.items()}
         self.source = source
         self.target = target
+        self.faces = faces
 
     def __repr__(self) -> str:
         steps = len(self.history.get("loss", []))
@@ -144,6 +201,41 @@ class Registration:
         z, back = self._to_flow(points)
         return back(self.flow.jacobian_determinant(z), positions=False)
 
+    def jacobian(self, points):  # (K, D) -> (K, D, D)
+        """Dφ_1 at each point (the normalisation is a similarity: the scales cancel)."""
+        z, back = self._to_flow(points)
+        return back(self.flow.jacobian(z), positions=False)
+
+    def fold_report(self, faces=None, points=None) -> dict:
+        """How much φ folds the source: the smallest det Dφ at its points and how many points have det ≤ 0;
+        for a mesh (``faces`` (F, 3), default self.faces), how many triangles flip (fastlddmm.mesh.flipped:
+        the warped normal against the one Dφ carries, or det Dφ ≤ 0 at the triangle).
+
+        Returns {"points", "min_jacobian_determinant", "folded_points"} and, with faces, {"triangles",
+        "flipped_triangles", "flipped_fraction"} (plain Python numbers)."""
+        points = self.source if points is None else points
+        if points is None:
+            raise ValueError("this registration keeps no source (a distributed shard): pass points=")
+        pts = torch.as_tensor(points)
+        det = self.jacobian_determinant(pts).double()
+        report = {"points": int(pts.shape[0]), "min_jacobian_determinant": float(det.min()) if det.numel() else None,
+                  "folded_points": int((det <= 0).sum())}
+        faces = self.faces if faces is None else faces
+        if faces is not None:
+            flips = self.flipped_triangles(faces, pts)
+            report.update(triangles=int(faces.shape[0]), flipped_triangles=int(flips.sum()),
+                          flipped_fraction=float(flips.double().mean()) if faces.shape[0] else 0.0)
+        return report
+
+    def flipped_triangles(self, faces=None, points=None) -> Tensor:  # -> (F,) bool
+        """Which triangles of the mesh (points, faces; default the source and self.faces) flip under φ."""
+        from . import mesh
+
+        pts = torch.as_tensor(self.source if points is None else points)
+        faces = mesh.check_faces(self.faces if faces is None else faces, pts.shape[0])
+        return mesh.flipped(pts.double(), self.transform(pts).double(),
+                            self.jacobian(mesh.centroids(pts, faces)).double(), faces)
+
     # -- files ---------------------------------------------------------------------------------------
     def state(self) -> dict:
         """Everything needed to rebuild this registration: tensors and plain Python values only."""
@@ -157,6 +249,7 @@ class Registration:
             "history": self.history,
             "source": None if self.source is None else self.source.detach().cpu(),
             "target": None if self.target is None else self.target.detach().cpu(),
+            "faces": None if self.faces is None else self.faces.detach().cpu(),
         }
 
     def save(self, path) -> None:
@@ -178,7 +271,7 @@ class Registration:
         if device is not None:
             flow = flow.to(device)
         return cls(flow, state["center"], state["scale"], cfg, state["history"], state.get("source"),
-                   state.get("target"))
+                   state.get("target"), state.get("faces"))
 
     @classmethod
     def load(cls, path, *, device=None) -> "Registration":
@@ -258,19 +351,20 @@ class Sharding:
 
 
 def _validate(source, target, *, data_term, optimizer, activation, sigma, blur, width, layers, steps,
-              checkpoint_every, lr, dtype, deterministic) -> None:
+              checkpoint_every, lr, dtype, deterministic, quality, faces) -> None:
     check_points(source, "source", allow_batch=False)
     check_points(target, "target", allow_batch=False)
     if source.shape[-1] != target.shape[-1]:
         raise ValueError(f"source and target must have the same point dimension, got {source.shape[-1]} and {target.shape[-1]}")
+    check_choice(quality, "quality", QUALITIES)
     check_choice(data_term, "data_term", DATA_TERMS)
     check_choice(optimizer, "optimizer", OPTIMIZERS)
     check_choice(activation, "activation", ACTIVATIONS)
-    check_positive(sigma, "sigma")
+    check_positive(sigma, "sigma", allow_none=True)
     check_positive(blur, "blur")
-    check_positive(width, "width", integer=True)
-    check_positive(layers, "layers", integer=True)
-    check_positive(steps, "steps", integer=True)
+    check_positive(width, "width", integer=True, allow_none=True)
+    check_positive(layers, "layers", integer=True, allow_none=True)
+    check_positive(steps, "steps", integer=True, allow_none=True)
     check_positive(checkpoint_every, "checkpoint_every", integer=True)
     check_positive(lr, "lr", allow_none=True)
     if data_term == "l2" and source.shape[0] != target.shape[0]:
@@ -279,6 +373,72 @@ def _validate(source, target, *, data_term, optimizer, activation, sigma, blur, 
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be True or False, got {deterministic!r}")
+    if faces is not None:
+        check_faces(faces, source.shape[0])
+        if source.shape[-1] not in (2, 3):
+            raise ValueError(f"faces need 2-D or 3-D points, got {source.shape[-1]}-D")
+
+
+def plan(quality: str = DEFAULTS.quality, *, data_term: str = DEFAULTS.data_term, sigma: float | None = None,
+         blur: float = DEFAULTS.blur, steps: int | None = None, optimizer: str = DEFAULTS.optimizer,
+         lr: float | None = None, schedule=None) -> list[Stage]:
+    """The stages register() runs, every field filled in: ``schedule`` (Stages or dicts of Stage's fields,
+    None fields taken from the other arguments) when given, else the ``quality`` preset's, scaled to
+    ``steps`` and ``sigma`` (None: the preset's)."""
+    check_choice(quality, "quality", QUALITIES)
+    preset = PRESETS[quality]
+    sigma = preset.sigma if sigma is None else sigma
+
+    def filled(stage: Stage) -> Stage:
+        opt = stage.optimizer or optimizer
+        return Stage(steps=stage.steps, data_term=stage.data_term or data_term,
+                     sigma=float(stage.sigma if stage.sigma is not None else sigma),
+                     blur=float(stage.blur if stage.blur is not None else blur), optimizer=opt,
+                     lr=float(stage.lr if stage.lr is not None else (lr if lr is not None and opt == optimizer
+                                                                     else DEFAULT_LR[opt])),
+                     points=stage.points)
+
+    if schedule is not None:
+        if isinstance(schedule, (Stage, dict)) or not hasattr(schedule, "__iter__"):
+            raise TypeError("schedule must be a list of Stage (or dicts of Stage's fields)")
+        stages = []
+        for i, stage in enumerate(schedule):
+            if isinstance(stage, dict):
+                unknown = set(stage) - set(Stage.__dataclass_fields__)
+                if unknown:
+                    raise ValueError(f"schedule[{i}] has unknown field(s) {', '.join(sorted(unknown))}; a stage has "
+                                     f"{', '.join(Stage.__dataclass_fields__)}")
+                stage = Stage(**stage)
+            if not isinstance(stage, Stage):
+                raise TypeError(f"schedule[{i}] must be a Stage or a dict, got {type(stage).__name__}")
+            stages.append(filled(stage))
+        if not stages:
+            raise ValueError("schedule is empty")
+        if steps is not None and steps != sum(st.steps for st in stages):
+            raise ValueError(f"steps={steps} but the schedule's stages add up to {sum(st.steps for st in stages)} "
+                             f"steps: give one or the other")
+    else:
+        total = preset.steps if steps is None else steps
+        stages, used = [], 0
+        for k, (fraction, sigma_factor, blur_factor, points) in enumerate(preset.stages):
+            n = total - used if k == len(preset.stages) - 1 else max(1, round(fraction * total))
+            n = min(n, total - used)
+            if n <= 0:
+                continue
+            used += n
+            stages.append(filled(Stage(n, sigma=sigma * sigma_factor, blur=blur * blur_factor, points=points)))
+        if preset.refine:
+            stages.append(filled(Stage(preset.refine, optimizer="lbfgs")))
+    for i, st in enumerate(stages):
+        where = f"schedule[{i}]"
+        check_positive(st.steps, f"{where}.steps", integer=True)
+        check_choice(st.data_term, f"{where}.data_term", DATA_TERMS)
+        check_choice(st.optimizer, f"{where}.optimizer", OPTIMIZERS)
+        check_positive(st.sigma, f"{where}.sigma")
+        check_positive(st.blur, f"{where}.blur")
+        check_positive(st.lr, f"{where}.lr")
+        check_positive(st.points, f"{where}.points", integer=True, allow_none=True)
+    return stages
 
 
 def _make_optimizer(name: str, params: list[Tensor], lr: float):
@@ -291,19 +451,41 @@ def _state_dict_copy(flow: ResNetFlow) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in flow.state_dict().items()}
 
 
+def _subset(count: int, total: int, points: int | None, seed: int, stage: int, device) -> Tensor | None:
+    """Indices (sorted) of this process's share of a fixed random subset of ``points`` of ``total`` points,
+    or None for all of them. ``count`` of the ``total`` are here (all of them in one process)."""
+    if points is None or points >= total:
+        return None
+    keep = min(count, max(1, round(points * count / total)))
+    gen = torch.Generator().manual_seed(1_000_003 * (seed + 1) + stage)  # a stream per (seed, stage)
+    return torch.randperm(count, generator=gen)[:keep].sort().values.to(device)
+
+
+def _resume_differences(saved: dict, config: dict) -> set[str]:
+    """Settings that differ between a checkpoint's config and this run's (the length of the run may)."""
+    differ = {k for k in config if k not in ("steps", "world_size", "schedule") and saved.get(k) != config[k]}
+    strip = lambda stages: [{k: v for k, v in st.items() if k != "steps"} for st in stages or []]  # noqa: E731
+    if strip(saved.get("schedule"))[: len(config["schedule"])] != strip(config["schedule"])[: len(saved.get("schedule") or [])]:
+        differ.add("schedule")
+    return differ
+
+
 def register(
     source: Tensor,  # (N, D)
     target: Tensor,  # (M, D); M == N for data_term="l2" (target[i] corresponds to source[i])
     *,
+    quality: str = DEFAULTS.quality,
     data_term: str = DEFAULTS.data_term,
-    sigma: float = DEFAULTS.sigma,
-    width: int = DEFAULTS.width,
-    layers: int = DEFAULTS.layers,
-    steps: int = DEFAULTS.steps,
+    sigma: float | None = DEFAULTS.sigma,
+    width: int | None = DEFAULTS.width,
+    layers: int | None = DEFAULTS.layers,
+    steps: int | None = DEFAULTS.steps,
     lr: float | None = DEFAULTS.lr,
     optimizer: str = DEFAULTS.optimizer,
     activation: str = DEFAULTS.activation,
     blur: float = DEFAULTS.blur,
+    schedule=None,
+    faces=None,  # (F, 3) int: triangles of the source (a mesh), for the fold report
     device=None,
     dtype: torch.dtype | None = None,
     seed: int = DEFAULTS.seed,
@@ -320,22 +502,33 @@ def register(
 
     Args:
         source, target: point clouds (N, D) and (M, D) as tensors or numpy arrays, D = 2 or 3 (any D works).
+        quality: "fast" (default), "balanced" or "best": a preset for the flow's size, σ and the schedule
+            (coarse-to-fine stages, L-BFGS at the end); see PRESETS and the README for what each costs and
+            reaches. An argument given explicitly (width, layers, steps, sigma, schedule) wins over the preset.
         data_term: "sinkhorn" (debiased Sinkhorn divergence, GeomLoss conventions, p = 2), "chamfer",
             or "l2" (known correspondences: target[i] is where source[i] should go).
-        sigma: data-term weight 1/(2σ²), in normalised units (shapes scaled to radius 1).
-        width, layers: hidden units per block and number of blocks / Euler steps.
-        steps: optimiser iterations (Adam steps, or L-BFGS outer iterations of up to 20 evaluations).
+        sigma: data-term weight 1/(2σ²) at the end of the schedule, in normalised units (shapes scaled to
+            radius 1); coarse stages use multiples of it. None: the preset's (0.1).
+        width, layers: hidden units per block and number of blocks / Euler steps (None: the preset's).
+        steps: optimiser iterations of the preset's schedule, all stages together (Adam steps, or L-BFGS
+            outer iterations of up to 20 evaluations); the preset's L-BFGS refinement comes on top.
         lr: learning rate (default 5e-3 for Adam, 1.0 for L-BFGS).
         activation: "relu" (the paper's) or a smooth one: "tanh", "softplus".
-        blur: Sinkhorn blur (ε = blur²), normalised units.
+        blur: Sinkhorn blur (ε = blur²) at the end of the schedule, normalised units.
+        schedule: the stages to run instead of the preset's: a list of Stage (or dicts of its fields); fields
+            left None take the arguments above. E.g. [Stage(200, sigma=0.4, points=2000), Stage(300),
+            Stage(20, optimizer="lbfgs")].
+        faces: triangles of the source (F, 3), when it is a mesh: the result keeps them (r.faces), and
+            r.fold_report() counts the flipped ones; a FoldWarning is issued when more than
+            fastlddmm.mesh.FLIP_WARNING (0.1%) of them flip.
         device, dtype: where and in what precision to optimise (default: the source's device,
             float32 unless the source is float64).
-        seed: seeds the flow's initialisation (same seed and inputs → same result).
+        seed: seeds the flow's initialisation and the stages' point subsets (same seed and inputs → same result).
         progress: show a progress bar.
         backend: backend for the flow and data-term ops ("auto": fastlddmm.dispatch picks the fastest available).
         checkpoint: file to write a checkpoint to every ``checkpoint_every`` steps (atomically);
-            with resume=True, optimisation continues from it when it exists.
-        callback: called as callback(step, {"loss", "data", "energy"}) after each step.
+            with resume=True, optimisation continues from it when it exists (in the stage it was in).
+        callback: called as callback(step, {"loss", "data", "energy", "stage"}) after each step.
         deterministic: bitwise-reproducible runs (same seed, inputs and machine → same result): turns on
             torch.use_deterministic_algorithms for the run and keeps backend="auto" off kernels that sum
             with atomics (the CUDA flow). The CPU paths are deterministic whatever the thread count.
@@ -362,23 +555,38 @@ def register(
     sharding.check(lambda: _validate(
         source, target, data_term=data_term, optimizer=optimizer, activation=activation, sigma=sigma, blur=blur,
         width=width, layers=layers, steps=steps, checkpoint_every=checkpoint_every, lr=lr, dtype=dtype,
-        deterministic=deterministic), source)
+        deterministic=deterministic, quality=quality, faces=faces), source)
     dispatch.check_name(backend)
+    if faces is not None and distributed:
+        raise ValueError("faces (the fold report) are for one-process registrations: a shard has no whole mesh; "
+                         "call fastlddmm.mesh on rank 0 with the whole clouds instead")
+    preset = PRESETS[quality]
+    stages = plan(quality, data_term=data_term, sigma=sigma, blur=blur, steps=steps, optimizer=optimizer, lr=lr,
+                  schedule=schedule)
+    width = preset.width if width is None else width
+    layers = preset.layers if layers is None else layers
+    total_steps = sum(st.steps for st in stages)
+    stage_of = [k for k, st in enumerate(stages) for _ in range(st.steps)]  # stage index of each step
     if dtype is None:
         dtype = torch.float64 if source.dtype == torch.float64 else torch.float32
     device = torch.device(device) if device is not None else source.device
-    lr = DEFAULT_LR[optimizer] if lr is None else lr
     src = source.to(device=device, dtype=dtype)
     tgt = target.to(device=device, dtype=dtype)
     check_pair(src, tgt, "source", "target")
+    faces_t = None if faces is None else check_faces(faces, source.shape[0])
 
     center, scale = sharding.normalisation(src, tgt)
     src_n = (src - center) / scale
-    tgt_n = sharding.prepare_target(data_term, (tgt - center) / scale)
+    tgt_n = (tgt - center) / scale
     total = sharding.total_points(src.shape[0])
-    config = dict(data_term=data_term, sigma=float(sigma), width=width, layers=layers, steps=steps, lr=float(lr),
-                  optimizer=optimizer, activation=activation, blur=float(blur), seed=seed, backend=backend,
-                  dim=int(src.shape[-1]), dtype=str(dtype).replace("torch.", ""), **sharding.config())
+    total_target = total if data_term == "l2" and all(st.data_term == "l2" for st in stages) else \
+        sharding.total_points(tgt.shape[0])
+    last_stage = stages[-1]
+    config = dict(quality=quality, data_term=last_stage.data_term, sigma=last_stage.sigma, width=width,
+                  layers=layers, steps=total_steps, lr=last_stage.lr, optimizer=last_stage.optimizer,
+                  activation=activation, blur=last_stage.blur, seed=seed, backend=backend,
+                  schedule=[asdict(st) for st in stages], dim=int(src.shape[-1]),
+                  dtype=str(dtype).replace("torch.", ""), **sharding.config())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         flow = ResNetFlow(dim=src.shape[-1], width=width, layers=layers, activation=activation, backend=backend,
@@ -386,30 +594,49 @@ def register(
     flow = flow.to(device=device, dtype=dtype)
     params = list(flow.parameters())
     sharding.start(params)
-    opt = _make_optimizer(optimizer, params, lr)
 
-    history: dict[str, list[float]] = {"loss": [], "data": [], "energy": []}
+    history: dict[str, list[float]] = {"loss": [], "data": [], "energy": [], "stage": []}
     start_step = 0
+    saved_optimizer = None  # (stage index, optimizer state) from a checkpoint
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     if resume and ckpt_path is not None and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        saved = ckpt.get("config", {})
-        differ = {k for k in config if k not in ("steps", "world_size") and saved.get(k) != config[k]}
+        differ = _resume_differences(ckpt.get("config", {}), config)
         if differ:
             raise ValueError(f"cannot resume from {str(ckpt_path)!r}: it was made with other settings ({', '.join(sorted(differ))})")
         flow.load_state_dict(ckpt["flow"])
-        opt.load_state_dict(ckpt["optimizer"])
         history = {k: list(v) for k, v in ckpt["history"].items()}
+        history.setdefault("stage", [0] * len(history["loss"]))
         start_step = int(ckpt["step"])
+        saved_optimizer = (int(ckpt.get("stage", 0)), ckpt["optimizer"])
 
-    weight = 1.0 / (2.0 * sigma**2)
+    # What the current stage changes: set by enter() when the loop crosses into a stage.
+    current: dict = {"index": None}
+
+    def enter(k: int) -> None:
+        st = stages[k]
+        keep_src = _subset(src_n.shape[0], total, st.points, seed, k, device)
+        if st.data_term == "l2":
+            keep_tgt = keep_src
+        else:
+            keep_tgt = _subset(tgt_n.shape[0], total_target, st.points, seed + 7919, k, device)
+        x = src_n if keep_src is None else src_n[keep_src]
+        y = tgt_n if keep_tgt is None else tgt_n[keep_tgt]
+        opt = _make_optimizer(st.optimizer, params, st.lr)
+        if saved_optimizer is not None and saved_optimizer[0] == k:
+            opt.load_state_dict(saved_optimizer[1])
+        current.update(index=k, stage=st, x=x, target=sharding.prepare_target(st.data_term, y),
+                       total=total if keep_src is None else sharding.total_points(x.shape[0]),
+                       weight=1.0 / (2.0 * st.sigma**2), opt=opt)
+
     last: dict[str, Tensor] = {}
 
     def closure() -> Tensor:
-        opt.zero_grad(set_to_none=True)
-        moved, energy = flow.forward_with_energy(src_n)
-        share, last_values = sharding.objective(data_term, moved, tgt_n, energy, weight=weight, blur=blur,
-                                                backend=backend, total=total)
+        c = current
+        c["opt"].zero_grad(set_to_none=True)
+        moved, energy = flow.forward_with_energy(c["x"])
+        share, last_values = sharding.objective(c["stage"].data_term, moved, c["target"], energy, weight=c["weight"],
+                                                blur=c["stage"].blur, backend=backend, total=c["total"])
         share.backward()
         sharding.reduce_gradients(params)
         last.update(last_values)
@@ -417,26 +644,31 @@ def register(
 
     def snapshot() -> Registration:
         clouds = (source.detach().cpu(), target.detach().cpu()) if sharding.keeps_clouds() else (None, None)
-        return Registration(flow, center.detach().cpu(), scale, config, history, *clouds)
+        return Registration(flow, center.detach().cpu(), scale, config, history, *clouds,
+                            faces=None if faces_t is None else faces_t.cpu())
 
     def save_checkpoint(step: int) -> None:
         if ckpt_path is not None and sharding.writes:
-            _atomic_torch_save({"config": config, "flow": flow.state_dict(), "optimizer": opt.state_dict(),
-                                "history": history, "step": step}, ckpt_path)
+            _atomic_torch_save({"config": config, "flow": flow.state_dict(), "optimizer": current["opt"].state_dict(),
+                                "stage": current["index"], "history": history, "step": step}, ckpt_path)
 
     bar = None
     if progress and sharding.writes:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, initial=start_step, desc=f"register ({data_term})", unit="step", leave=True)
+        bar = tqdm(total=total_steps, initial=start_step, desc=f"register ({data_term}, {quality})", unit="step",
+                   leave=True)
     restore_deterministic = torch.are_deterministic_algorithms_enabled()
     if deterministic:
         torch.use_deterministic_algorithms(True)
     t0 = time.perf_counter()
     previous = None  # Adam: the parameters before the last update (small: L·H·D·2 numbers)
     try:
-        for step in range(start_step, steps):
-            if optimizer == "adam":
+        for step in range(start_step, total_steps):
+            if stage_of[step] != current["index"]:
+                enter(stage_of[step])
+            opt = current["opt"]
+            if current["stage"].optimizer == "adam":
                 closure()
                 grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
                 if not (bool(torch.isfinite(last["loss"])) and grads_finite):
@@ -456,14 +688,15 @@ def register(
                         f"registration diverged at step {step}: L-BFGS produced non-finite values "
                         f"(try a smaller lr or Adam)", step, snapshot())
             record = {k: float(last[k]) for k in ("loss", "data", "energy")}
+            record["stage"] = current["index"]
             for k, v in record.items():
                 history[k].append(v)
             if callback is not None:
                 callback(step, record)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4g}", data=f"{record['data']:.3g}",
-                                energy=f"{record['energy']:.3g}", refresh=False)
+                bar.set_postfix(stage=f"{current['index'] + 1}/{len(stages)}", loss=f"{record['loss']:.4g}",
+                                data=f"{record['data']:.3g}", energy=f"{record['energy']:.3g}", refresh=False)
             if (step + 1) % checkpoint_every == 0:
                 save_checkpoint(step + 1)
     except RegistrationDiverged as err:
@@ -476,5 +709,13 @@ def register(
             bar.close()
     result = snapshot()
     result.config["seconds"] = time.perf_counter() - t0
-    save_checkpoint(steps)
+    if current["index"] is not None:
+        save_checkpoint(total_steps)
+    if faces_t is not None and sharding.writes:
+        report = result.fold_report()
+        if report["flipped_fraction"] > FLIP_WARNING:
+            warnings.warn(f"{report['flipped_triangles']} of {report['triangles']} triangles "
+                          f"({100 * report['flipped_fraction']:.2f}%) flip under the registration (min det Dφ at the "
+                          f"vertices {report['min_jacobian_determinant']:.3g}): try quality='balanced' or 'best', "
+                          f"or a larger sigma", FoldWarning, stacklevel=2)
     return result
