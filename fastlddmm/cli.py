@@ -67,6 +67,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def _device(text: str) -> str:
     import torch
 
@@ -117,7 +127,7 @@ def cmd_register(args) -> int:
     if args.resume and not (outdir / "checkpoint.pt").exists():
         log(f"no checkpoint in {str(outdir)!r}: starting from the beginning")
     summary = pipeline.run_pair(args.source, args.target, outdir, options=_options(args), resume=args.resume,
-                                progress=not args.quiet, log=log, pictures=not args.no_pictures)
+                                progress=not args.quiet, log=log, pictures=not args.no_pictures, up=args.up)
     _print_summary(summary, outdir, quiet=args.quiet)
     return 0
 
@@ -151,7 +161,7 @@ def _register_distributed(args) -> int:
         options = {**_options(args), "device": str(device)}
         summary = pipeline.run_pair(args.source, args.target, outdir, options=options, resume=args.resume,
                                     progress=not args.quiet, log=log, pictures=not args.no_pictures,
-                                    distributed=True)
+                                    distributed=True, up=args.up)
         if summary is not None:
             _print_summary(summary, outdir, quiet=args.quiet)
         return 0
@@ -166,7 +176,9 @@ def _print_summary(summary: dict, outdir: Path, *, quiet: bool) -> None:
         return
     print(f"{summary['name']}: loss {f['loss']:.4g} (data {f['data']:.3g}, energy {f['energy']:.3g}) after "
           f"{summary['steps']} steps in {summary['seconds']['registration']:.1f} s; "
-          f"min det Dφ = {summary['min_jacobian_determinant']:.3g}, folds: {summary['folds']}")
+          f"min det Dφ = {summary['min_jacobian_determinant']:.3g}, folds: {summary['folds']}"
+          + (f", flipped triangles: {summary['flipped_triangles']} of {summary['triangles']} "
+             f"({100 * summary['flipped_fraction']:.2f}%)" if summary.get("triangles") else ""))
     print(f"  outputs in {outdir}/: " + ", ".join(summary["outputs"].values()))
 
 
@@ -300,21 +312,35 @@ def cmd_backends(args) -> int:
 
 def _registration_options(p: argparse.ArgumentParser) -> None:
     from fastlddmm.dispatch import BACKENDS
-    from fastlddmm.registration import ACTIVATIONS, DATA_TERMS, DEFAULT_LR, DEFAULTS, OPTIMIZERS
+    from fastlddmm.registration import ACTIVATIONS, DATA_TERMS, DEFAULT_LR, DEFAULTS, OPTIMIZERS, PRESETS, QUALITIES
+
+    def preset(field: str) -> str:
+        return "default: from --quality: " + ", ".join(f"{q} {getattr(PRESETS[q], field):g}" for q in QUALITIES)
 
     g = p.add_argument_group("registration")
+    g.add_argument("--quality", choices=QUALITIES, default=DEFAULTS.quality,
+                   help="preset for the flow's size and the schedule (coarse-to-fine stages, L-BFGS at the end); "
+                        "the options below override it. fast: the quickest; balanced: closer to the target for "
+                        "a few times the time; best: closest (README, Registration quality) "
+                        "(default: %(default)s)")
     g.add_argument("--data-term", choices=DATA_TERMS, default=DEFAULTS.data_term,
                    help="distance between the warped source and the target (default: %(default)s; "
                         "l2 needs one target point per source point)")
     g.add_argument("--sigma", type=_positive_float, default=DEFAULTS.sigma,
-                   help="data-term weight 1/(2 sigma^2), relative to the shapes' size (default: %(default)s)")
+                   help="data-term weight 1/(2 sigma^2) at the end of the schedule, relative to the shapes' size "
+                        f"({preset('sigma')})")
     g.add_argument("--blur", type=_positive_float, default=DEFAULTS.blur,
-                   help="Sinkhorn blur, relative to the shapes' size (default: %(default)s)")
-    g.add_argument("--steps", type=_positive_int, default=DEFAULTS.steps, help="optimiser steps (default: %(default)s)")
+                   help="Sinkhorn blur at the end of the schedule, relative to the shapes' size (default: %(default)s)")
+    g.add_argument("--fold-penalty", type=_non_negative_float, default=DEFAULTS.fold_penalty, metavar="W",
+                   help="for a mesh: weight of a penalty on triangles that turn over among their neighbours "
+                        f"(fastlddmm.mesh.FoldBarrier; {preset('fold_penalty')}; 0: off)")
+    g.add_argument("--steps", type=_positive_int, default=DEFAULTS.steps,
+                   help=f"optimiser steps of the schedule, all stages together ({preset('steps')}; the preset's "
+                        f"L-BFGS refinement comes on top)")
     g.add_argument("--width", type=_positive_int, default=DEFAULTS.width,
-                   help="hidden units per residual block (default: %(default)s)")
+                   help=f"hidden units per residual block ({preset('width')})")
     g.add_argument("--layers", type=_positive_int, default=DEFAULTS.layers,
-                   help="residual blocks = Euler steps of the flow (default: %(default)s)")
+                   help=f"residual blocks = Euler steps of the flow ({preset('layers')})")
     g.add_argument("--lr", type=_positive_float, default=DEFAULTS.lr,
                    help="learning rate (default: " + ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_LR.items()) + ")")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULTS.optimizer, help="(default: %(default)s)")
@@ -326,6 +352,14 @@ def _registration_options(p: argparse.ArgumentParser) -> None:
                    help="kernels to use (default: %(default)s; see: fastlddmm backends)")
     g.add_argument("--checkpoint-every", type=_positive_int, default=DEFAULTS.checkpoint_every, metavar="N",
                    help="write OUTDIR/checkpoint.pt every N steps (default: %(default)s)")
+
+
+def _picture_options(p: argparse.ArgumentParser) -> None:
+    from fastlddmm.viz import UPS
+
+    p.add_argument("--up", choices=UPS, default=None,
+                   help="the axis 3-D pictures draw upwards (default: y for .obj and .ply files, the convention of "
+                        "scans; else auto, the shape's principal axis)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,15 +376,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("register", help="register SOURCE onto TARGET (point clouds or meshes)",
                        description="Registers SOURCE onto TARGET and writes into OUTDIR: warped.<ext> (the "
                                    "warped source, same format; a mesh keeps its faces), trajectory.npy, "
-                                   "flow.gif, losses.png, registration.png, registration.pt and summary.json. "
+                                   "flow.gif, filmstrip.png, losses.png, registration.png, registration.pt and "
+                                   "summary.json (for a mesh: how many triangles flip). "
                                    "Formats: .npy .txt .csv .xyz .ply .obj .vtk .off .stl")
     p.add_argument("source", help="the shape to deform")
     p.add_argument("target", help="the shape to reach")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
     _registration_options(p)
+    _picture_options(p)
     p.add_argument("--resume", action="store_true", help="continue from OUTDIR/checkpoint.pt")
     p.add_argument("--force", action="store_true", help="overwrite the results in an existing OUTDIR")
-    p.add_argument("--no-pictures", action="store_true", help="skip flow.gif, losses.png and registration.png")
+    p.add_argument("--no-pictures", action="store_true",
+                   help="skip flow.gif, filmstrip.png, losses.png and registration.png")
     p.add_argument("--distributed", action="store_true",
                    help="shard the points over the processes of a torchrun job (`torchrun --nproc-per-node P "
                         "-m fastlddmm register ... --distributed`): exact data terms across shards, gloo on CPUs, "

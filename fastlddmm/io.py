@@ -66,6 +66,18 @@ class MeshInfo:
         lines = [np.asarray(data) for kind, data in self.cells if kind == "line"]
         return np.concatenate(lines).astype(np.int64) if lines else None
 
+    def triangles(self) -> np.ndarray | None:  # (F, 3) int64, or None
+        """The mesh's surface as triangles ("triangle" cells; each "quad" split in two), or None when it has
+        no faces (a point cloud, a curve)."""
+        parts = []
+        for kind, data in self.cells:
+            data = np.asarray(data, dtype=np.int64)
+            if kind == "triangle":
+                parts.append(data)
+            elif kind == "quad":  # (a, b, c, d) -> (a, b, c), (a, c, d): the same orientation
+                parts += [data[:, [0, 1, 2]], data[:, [0, 2, 3]]]
+        return np.concatenate(parts) if parts else None
+
 
 def _ext(path: Path) -> str:
     return path.suffix.lower()

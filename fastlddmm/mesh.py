@@ -84,3 +84,59 @@ def flipped(points: Tensor,  # (N, D) the source vertices, D = 2 or 3
     sign = torch.sign(torch.linalg.det(jacobian))
     has_area = _dot(_cross(e1, e2), _cross(e1, e2)) > 0
     return has_area & (sign * _dot(warped, carried) <= 0)
+
+
+def face_pairs(faces: Tensor) -> Tensor:  # (F, 3) -> (E, 2) int64
+    """Pairs of triangles that share an edge (each interior edge of a manifold mesh once)."""
+    edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).sort(dim=1).values  # (3F, 2)
+    owner = torch.arange(faces.shape[0], device=faces.device).repeat(3)
+    _, inverse, counts = torch.unique(edges, dim=0, return_inverse=True, return_counts=True)
+    order = torch.argsort(inverse, stable=True)  # the copies of each edge next to each other
+    starts = torch.cumsum(counts, 0) - counts
+    two = counts == 2  # edges with exactly two triangles (boundary and non-manifold edges are left out)
+    first = order[starts[two]]
+    second = order[starts[two] + 1]
+    return torch.stack([owner[first], owner[second]], dim=1)
+
+
+class FoldBarrier:
+    """A penalty against flipped triangles, cheap enough to add at every optimisation step (it needs the
+    moved vertices only, no Jacobian):
+
+        3-D: mean over pairs of adjacent triangles that are roughly parallel in the source (cos > 1/2) of
+             relu(-cos θ')², θ' the angle between their warped normals. A triangle turned over among its
+             neighbours makes θ' ≈ 180° on all its edges; a bend (an elbow) keeps neighbours within 90°.
+        2-D: mean over triangles of relu(1/4 - a'/a)², a, a' the signed areas before and after: zero until
+             a triangle keeps less than a quarter of its area, then growing as it turns over.
+
+    Built once per mesh: FoldBarrier(source (N, D), faces (F, 3)); called as barrier(moved (N, D)) -> ().
+    """
+
+    def __init__(self, source: Tensor, faces: Tensor):  # (N, D), (F, 3)
+        self.faces = faces
+        self.dim = source.shape[-1]
+        if self.dim == 3:
+            pairs = face_pairs(faces)
+            unit = torch.nn.functional.normalize(normals(source, faces), dim=-1)
+            keep = (unit[pairs[:, 0]] * unit[pairs[:, 1]]).sum(-1) > 0.5
+            self.pairs = pairs[keep]
+        elif self.dim == 2:
+            area = normals(source, faces)
+            self.keep = area != 0
+            self.area = area[self.keep]
+        else:
+            raise ValueError(f"a fold barrier needs 2-D or 3-D points, got {self.dim}-D")
+
+    def __call__(self, moved: Tensor) -> Tensor:  # (N, D) -> ()
+        if self.dim == 3:
+            if self.pairs.shape[0] == 0:
+                return moved.sum() * 0
+            # a small floor keeps the normalisation differentiable for triangles shrunk to a point
+            n = normals(moved, self.faces)
+            unit = n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            cos = (unit[self.pairs[:, 0]] * unit[self.pairs[:, 1]]).sum(-1)
+            return torch.relu(-cos).pow(2).mean()
+        if self.area.shape[0] == 0:
+            return moved.sum() * 0
+        ratio = normals(moved, self.faces)[self.keep] / self.area
+        return torch.relu(0.25 - ratio).pow(2).mean()

@@ -3,7 +3,9 @@
 
     run_pair(SOURCE, TARGET, OUTDIR, options=...) reads the two files, runs fl.register, and writes into
     OUTDIR: warped.<ext> (the warped source in the input's format; a mesh keeps its faces), trajectory.npy,
-    registration.pt, summary.json and, with matplotlib, flow.gif, losses.png, registration.png.
+    registration.pt, summary.json and, with matplotlib, flow.gif, filmstrip.png, losses.png, registration.png.
+    For a mesh, summary.json (and the picture's title) says how many triangles flip (fastlddmm.mesh), and
+    a warning is logged when more than 0.1% do.
 
 Errors a front-end reports in one line: InputError (a file or an option the user can fix) and
 PairFailed (the work itself failed, e.g. the registration diverged; the last finite state is saved).
@@ -16,6 +18,7 @@ import contextlib
 import importlib.util
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -24,8 +27,8 @@ import numpy as np
 from ._atomic import atomic_write, write_text
 from .registration import DEFAULTS
 
-OUTPUT_NAMES = ("warped", "trajectory.npy", "flow.gif", "losses.png", "registration.png", "registration.pt",
-                "summary.json")
+OUTPUT_NAMES = ("warped", "trajectory.npy", "flow.gif", "filmstrip.png", "losses.png", "registration.png",
+                "registration.pt", "summary.json")
 # The options run_pair passes on to fl.register, with their defaults.
 REGISTER_OPTIONS = {**DEFAULTS.__dict__, "device": None}
 
@@ -73,10 +76,18 @@ def _quiet(message: str) -> None:
     pass
 
 
+def picture_up(path: Path) -> str:
+    """Which axis pictures draw upwards for a file: "y" for OBJ / PLY (the convention of scans and most
+    modelling tools), else "auto" (the shape's principal axis)."""
+    return "y" if Path(path).suffix.lower() in (".obj", ".ply") else "auto"
+
+
 def run_pair(source_path, target_path, outdir: Path, *, options: dict, resume: bool = False, progress: bool = True,
              log: Callable[[str], None] | None = None, edges=None, target_edges=None, name: str | None = None,
-             pictures: bool = True, distributed: bool = False) -> dict | None:
+             pictures: bool = True, distributed: bool = False, up=None) -> dict | None:
     """Registers the files ``source_path`` -> ``target_path`` and writes every output into ``outdir``.
+
+    ``up``: the axis 3-D pictures draw upwards (see fastlddmm.viz; None: picture_up(source_path)).
 
     ``options`` are fl.register's (keys of REGISTER_OPTIONS; None or absent: the default). Returns the summary
     (also written to outdir/summary.json). Raises InputError for bad inputs or options, PairFailed when the
@@ -87,6 +98,7 @@ def run_pair(source_path, target_path, outdir: Path, *, options: dict, resume: b
 
     import fastlddmm as fl
     from fastlddmm import io as flio
+    from fastlddmm import mesh as flmesh
 
     log = log or _quiet
     unknown = set(options) - set(REGISTER_OPTIONS)
@@ -95,7 +107,7 @@ def run_pair(source_path, target_path, outdir: Path, *, options: dict, resume: b
     source_path, target_path = Path(source_path), Path(target_path)
     try:
         src_np, src_info = flio.read_points(source_path)
-        tgt_np, _ = flio.read_points(target_path, dim=src_np.shape[1] if target_path.suffix.lower()
+        tgt_np, tgt_info = flio.read_points(target_path, dim=src_np.shape[1] if target_path.suffix.lower()
                                      in flio.MESH_EXTENSIONS and src_np.shape[1] <= 3 else None)
     except flio.PointFileError as err:
         raise InputError(str(err)) from None
@@ -104,13 +116,25 @@ def run_pair(source_path, target_path, outdir: Path, *, options: dict, resume: b
                          f"{str(target_path)!r} has {tgt_np.shape[1]}-D points")
     if edges is None:
         edges = src_info.edges()
+    faces, target_faces = src_info.triangles(), tgt_info.triangles()
+    up = picture_up(source_path) if up is None else up
     opts = {**REGISTER_OPTIONS, **{k: v for k, v in options.items() if v is not None}}
     outdir.mkdir(parents=True, exist_ok=True)
     source = torch.from_numpy(src_np).float()
     target = torch.from_numpy(tgt_np).float()
     label = name or source_path.stem
-    log(f"[{label}] {source.shape[0]} source and {target.shape[0]} target points in {source.shape[1]}-D; "
-        f"data term {opts['data_term']}, {opts['steps']} steps, width {opts['width']}, {opts['layers']} layers")
+    from fastlddmm.registration import PRESETS, plan
+
+    try:
+        stages = plan(opts["quality"], data_term=opts["data_term"], sigma=opts["sigma"], blur=opts["blur"],
+                      steps=opts["steps"], optimizer=opts["optimizer"], lr=opts["lr"])
+    except (ValueError, TypeError) as err:
+        raise InputError(first_line(err)) from None
+    preset = PRESETS[opts["quality"]]
+    log(f"[{label}] {source.shape[0]} source and {target.shape[0]} target points in {source.shape[1]}-D"
+        f"{f', {len(faces)} triangles' if faces is not None else ''}; data term {opts['data_term']}, quality "
+        f"{opts['quality']}: {sum(st.steps for st in stages)} steps in {len(stages)} stage(s), width "
+        f"{opts['width'] or preset.width}, {opts['layers'] or preset.layers} layers")
     reg_source, reg_target, rank = source, target, 0
     if distributed:
         from fastlddmm import distributed as fld
@@ -125,8 +149,11 @@ def run_pair(source_path, target_path, outdir: Path, *, options: dict, resume: b
             raise InputError(str(err)) from None
     t0 = time.perf_counter()
     try:
-        reg = fl.register(reg_source, reg_target, distributed=distributed, progress=progress,
-                          checkpoint=outdir / "checkpoint.pt", resume=resume, **opts)
+        with warnings.catch_warnings():  # the fold report below says it, in the log
+            warnings.simplefilter("ignore", flmesh.FoldWarning)
+            reg = fl.register(reg_source, reg_target, distributed=distributed, progress=progress,
+                              checkpoint=outdir / "checkpoint.pt", resume=resume,
+                              faces=None if distributed else faces, **opts)
     except fl.RegistrationDiverged as err:
         partial = outdir / "registration.partial.pt"
         with contextlib.suppress(Exception):
@@ -139,6 +166,7 @@ def run_pair(source_path, target_path, outdir: Path, *, options: dict, resume: b
         return None
     if distributed:  # the result knows only this rank's shard: give it the whole clouds for the pictures
         reg.source, reg.target = source, target
+        reg.faces = None if faces is None else torch.from_numpy(faces)
 
     outputs = {}
     out = outdir / f"warped{source_path.suffix.lower()}"
@@ -152,7 +180,11 @@ def run_pair(source_path, target_path, outdir: Path, *, options: dict, resume: b
     outputs["trajectory"] = "trajectory.npy"
     reg.save(outdir / "registration.pt")
     outputs["registration"] = "registration.pt"
-    det = reg.jacobian_determinant(source).double()
+    folds = reg.fold_report()
+    if folds.get("flipped_fraction", 0.0) > flmesh.FLIP_WARNING:
+        log(f"[{label}] warning: {folds['flipped_triangles']} of {folds['triangles']} triangles "
+            f"({100 * folds['flipped_fraction']:.2f}%) flip (min det Dφ {folds['min_jacobian_determinant']:.3g}); "
+            f"try --quality balanced or best, or a larger --sigma")
     history = reg.history
     final = {k: (history[k][-1] if history.get(k) else None) for k in ("loss", "data", "energy")}
 
@@ -160,13 +192,17 @@ def run_pair(source_path, target_path, outdir: Path, *, options: dict, resume: b
     if pictures and dim in (2, 3) and have_pictures():
         from fastlddmm import viz
 
-        log(f"[{label}] drawing flow.gif, losses.png and registration.png")
+        log(f"[{label}] drawing flow.gif, filmstrip.png, losses.png and registration.png")
+        flipped = reg.flipped_triangles() if faces is not None and dim == 3 else None
+        shapes = dict(faces=faces, target_faces=target_faces, up=up) if dim == 3 else {}
         viz.animate_flow(trajectory, src_np, tgt_np, outdir / "flow.gif", edges=edges, target_edges=target_edges,
-                         title=f"{label}: source → target")
-        viz.plot_losses(history, outdir / "losses.png", sigma=opts["sigma"])
+                         title=f"{label}: source → target", flipped=flipped, **shapes)
+        viz.plot_filmstrip(trajectory, outdir / "filmstrip.png", target=tgt_np, edges=edges,
+                           target_edges=target_edges, flipped=flipped, title=f"{label}: the flow", **shapes)
+        viz.plot_losses(history, outdir / "losses.png", sigma=reg.config["sigma"])
         viz.plot_registration(reg, outdir / "registration.png", edges=edges, target_edges=target_edges,
-                              title=label)
-        outputs.update(gif="flow.gif", losses="losses.png", picture="registration.png")
+                              flipped=flipped, title=label, **shapes)
+        outputs.update(gif="flow.gif", filmstrip="filmstrip.png", losses="losses.png", picture="registration.png")
     elif pictures and dim in (2, 3):
         log(f"[{label}] pictures skipped: pip install 'fastlddmm[viz]' (matplotlib, pillow) to get flow.gif")
 
@@ -177,8 +213,11 @@ def run_pair(source_path, target_path, outdir: Path, *, options: dict, resume: b
         "points": {"source": int(source.shape[0]), "target": int(target.shape[0]), "dim": int(dim)},
         "final": final,
         "steps": len(history.get("loss", [])),
-        "min_jacobian_determinant": float(det.min()),
-        "folds": int((det <= 0).sum()),
+        "min_jacobian_determinant": folds["min_jacobian_determinant"],
+        "folds": folds["folded_points"],
+        "triangles": folds.get("triangles"),
+        "flipped_triangles": folds.get("flipped_triangles"),
+        "flipped_fraction": folds.get("flipped_fraction"),
         "seconds": {"registration": seconds_registration, "total": time.perf_counter() - t0},
         "config": {k: v for k, v in reg.config.items() if k != "seconds"},
         "outputs": outputs,
@@ -200,6 +239,7 @@ DEMO_SETTINGS = {
     "blob": dict(data_term="chamfer", sigma=0.05, width=64, layers=10, steps=300, lr=1e-2),
 }
 DEMO_MARKER = ".fastlddmm-demo"
+DEMO_UP = {"blob": "z"}  # the blob is modelled z-up (its .ply would otherwise be drawn y-up)
 
 
 def run_demo(outdir: Path, *, only=None, overrides: dict | None = None, force: bool = False, progress: bool = True,
@@ -240,7 +280,8 @@ def run_demo(outdir: Path, *, only=None, overrides: dict | None = None, force: b
                 if old.is_file():
                     old.unlink()
         summary = run_pair(src_file, tgt_file, sub, options=settings, progress=progress, log=log,
-                           edges=ex["edges"], target_edges=ex["target_edges"], name=name, pictures=pictures)
+                           edges=ex["edges"], target_edges=ex["target_edges"], name=name, pictures=pictures,
+                           up=DEMO_UP.get(name))
         if on_done is not None:
             on_done(summary, sub)
         done.append(sub)

@@ -10,6 +10,7 @@ The returned Registration maps points given in the original coordinates.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ from . import dispatch
 from ._atomic import atomic_write
 from ._validation import check_choice, check_pair, check_points, check_positive
 from .flow import ResNetFlow
-from .mesh import FLIP_WARNING, FoldWarning, check_faces
+from .mesh import FLIP_WARNING, FoldBarrier, FoldWarning, check_faces
 from .ops.flow.reference import ACTIVATIONS
 
 DATA_TERMS = ("sinkhorn", "chamfer", "l2")
@@ -51,6 +52,7 @@ class RegisterDefaults:
     optimizer: str = "adam"
     activation: str = "relu"
     blur: float = 0.02
+    fold_penalty: float | None = None  # preset (meshes only)
     seed: int = 0
     backend: str = "auto"
     checkpoint_every: int = 50
@@ -95,6 +97,7 @@ class Preset:
     sigma: float
     stages: tuple[tuple[float, float, float, int | None], ...]
     refine: int = 0
+    fold_penalty: float = 0.0  # FoldBarrier's weight when register() is given faces
 
 
 # Measured in benchmarks/articulated.py (see the README, "Registration quality"): budgets are relative to
@@ -351,7 +354,7 @@ class Sharding:
 
 
 def _validate(source, target, *, data_term, optimizer, activation, sigma, blur, width, layers, steps,
-              checkpoint_every, lr, dtype, deterministic, quality, faces) -> None:
+              checkpoint_every, lr, dtype, deterministic, quality, faces, fold_penalty) -> None:
     check_points(source, "source", allow_batch=False)
     check_points(target, "target", allow_batch=False)
     if source.shape[-1] != target.shape[-1]:
@@ -377,6 +380,11 @@ def _validate(source, target, *, data_term, optimizer, activation, sigma, blur, 
         check_faces(faces, source.shape[0])
         if source.shape[-1] not in (2, 3):
             raise ValueError(f"faces need 2-D or 3-D points, got {source.shape[-1]}-D")
+    if isinstance(fold_penalty, bool) or not isinstance(fold_penalty, (int, float)) or not fold_penalty >= 0 \
+            or not math.isfinite(fold_penalty):
+        raise ValueError(f"fold_penalty must be a finite number >= 0, got {fold_penalty!r}")
+    if fold_penalty > 0 and faces is None:
+        raise ValueError("fold_penalty needs the source's triangles: pass faces=")
 
 
 def plan(quality: str = DEFAULTS.quality, *, data_term: str = DEFAULTS.data_term, sigma: float | None = None,
@@ -389,8 +397,9 @@ def plan(quality: str = DEFAULTS.quality, *, data_term: str = DEFAULTS.data_term
     preset = PRESETS[quality]
     sigma = preset.sigma if sigma is None else sigma
 
-    def filled(stage: Stage) -> Stage:
+    def filled(stage: Stage, i: int) -> Stage:
         opt = stage.optimizer or optimizer
+        check_choice(opt, f"schedule[{i}].optimizer", OPTIMIZERS)
         return Stage(steps=stage.steps, data_term=stage.data_term or data_term,
                      sigma=float(stage.sigma if stage.sigma is not None else sigma),
                      blur=float(stage.blur if stage.blur is not None else blur), optimizer=opt,
@@ -411,7 +420,7 @@ def plan(quality: str = DEFAULTS.quality, *, data_term: str = DEFAULTS.data_term
                 stage = Stage(**stage)
             if not isinstance(stage, Stage):
                 raise TypeError(f"schedule[{i}] must be a Stage or a dict, got {type(stage).__name__}")
-            stages.append(filled(stage))
+            stages.append(filled(stage, i))
         if not stages:
             raise ValueError("schedule is empty")
         if steps is not None and steps != sum(st.steps for st in stages):
@@ -426,9 +435,9 @@ def plan(quality: str = DEFAULTS.quality, *, data_term: str = DEFAULTS.data_term
             if n <= 0:
                 continue
             used += n
-            stages.append(filled(Stage(n, sigma=sigma * sigma_factor, blur=blur * blur_factor, points=points)))
+            stages.append(filled(Stage(n, sigma=sigma * sigma_factor, blur=blur * blur_factor, points=points), k))
         if preset.refine:
-            stages.append(filled(Stage(preset.refine, optimizer="lbfgs")))
+            stages.append(filled(Stage(preset.refine, optimizer="lbfgs"), len(stages)))
     for i, st in enumerate(stages):
         where = f"schedule[{i}]"
         check_positive(st.steps, f"{where}.steps", integer=True)
@@ -486,6 +495,7 @@ def register(
     blur: float = DEFAULTS.blur,
     schedule=None,
     faces=None,  # (F, 3) int: triangles of the source (a mesh), for the fold report
+    fold_penalty: float | None = DEFAULTS.fold_penalty,
     device=None,
     dtype: torch.dtype | None = None,
     seed: int = DEFAULTS.seed,
@@ -521,6 +531,9 @@ def register(
         faces: triangles of the source (F, 3), when it is a mesh: the result keeps them (r.faces), and
             r.fold_report() counts the flipped ones; a FoldWarning is issued when more than
             fastlddmm.mesh.FLIP_WARNING (0.1%) of them flip.
+        fold_penalty: weight of fastlddmm.mesh.FoldBarrier (a penalty on triangles turning over among their
+            neighbours) added to the loss in the stages that use every point; needs ``faces``. None: the
+            preset's when faces are given, else 0.
         device, dtype: where and in what precision to optimise (default: the source's device,
             float32 unless the source is float64).
         seed: seeds the flow's initialisation and the stages' point subsets (same seed and inputs → same result).
@@ -555,12 +568,15 @@ def register(
     sharding.check(lambda: _validate(
         source, target, data_term=data_term, optimizer=optimizer, activation=activation, sigma=sigma, blur=blur,
         width=width, layers=layers, steps=steps, checkpoint_every=checkpoint_every, lr=lr, dtype=dtype,
-        deterministic=deterministic, quality=quality, faces=faces), source)
+        deterministic=deterministic, quality=quality, faces=faces,
+        fold_penalty=0.0 if fold_penalty is None else fold_penalty), source)
     dispatch.check_name(backend)
     if faces is not None and distributed:
         raise ValueError("faces (the fold report) are for one-process registrations: a shard has no whole mesh; "
                          "call fastlddmm.mesh on rank 0 with the whole clouds instead")
     preset = PRESETS[quality]
+    if fold_penalty is None:
+        fold_penalty = preset.fold_penalty if faces is not None else 0.0
     stages = plan(quality, data_term=data_term, sigma=sigma, blur=blur, steps=steps, optimizer=optimizer, lr=lr,
                   schedule=schedule)
     width = preset.width if width is None else width
@@ -578,6 +594,7 @@ def register(
     center, scale = sharding.normalisation(src, tgt)
     src_n = (src - center) / scale
     tgt_n = (tgt - center) / scale
+    barrier = FoldBarrier(src_n, faces_t.to(device)) if fold_penalty > 0 else None
     total = sharding.total_points(src.shape[0])
     total_target = total if data_term == "l2" and all(st.data_term == "l2" for st in stages) else \
         sharding.total_points(tgt.shape[0])
@@ -585,7 +602,7 @@ def register(
     config = dict(quality=quality, data_term=last_stage.data_term, sigma=last_stage.sigma, width=width,
                   layers=layers, steps=total_steps, lr=last_stage.lr, optimizer=last_stage.optimizer,
                   activation=activation, blur=last_stage.blur, seed=seed, backend=backend,
-                  schedule=[asdict(st) for st in stages], dim=int(src.shape[-1]),
+                  schedule=[asdict(st) for st in stages], fold_penalty=float(fold_penalty), dim=int(src.shape[-1]),
                   dtype=str(dtype).replace("torch.", ""), **sharding.config())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -626,6 +643,7 @@ def register(
         if saved_optimizer is not None and saved_optimizer[0] == k:
             opt.load_state_dict(saved_optimizer[1])
         current.update(index=k, stage=st, x=x, target=sharding.prepare_target(st.data_term, y),
+                       barrier=barrier if keep_src is None else None,  # it needs every vertex
                        total=total if keep_src is None else sharding.total_points(x.shape[0]),
                        weight=1.0 / (2.0 * st.sigma**2), opt=opt)
 
@@ -637,6 +655,10 @@ def register(
         moved, energy = flow.forward_with_energy(c["x"])
         share, last_values = sharding.objective(c["stage"].data_term, moved, c["target"], energy, weight=c["weight"],
                                                 blur=c["stage"].blur, backend=backend, total=c["total"])
+        if c["barrier"] is not None:  # one process only (faces are refused with distributed=True)
+            penalty = fold_penalty * c["barrier"](moved)
+            share = share + penalty
+            last_values = {**last_values, "loss": last_values["loss"] + penalty.detach()}
         share.backward()
         sharding.reduce_gradients(params)
         last.update(last_values)
@@ -691,14 +713,14 @@ def register(
             record["stage"] = current["index"]
             for k, v in record.items():
                 history[k].append(v)
+            if (step + 1) % checkpoint_every == 0:  # before the callback: what it sees is on disk
+                save_checkpoint(step + 1)
             if callback is not None:
                 callback(step, record)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(stage=f"{current['index'] + 1}/{len(stages)}", loss=f"{record['loss']:.4g}",
                                 data=f"{record['data']:.3g}", energy=f"{record['energy']:.3g}", refresh=False)
-            if (step + 1) % checkpoint_every == 0:
-                save_checkpoint(step + 1)
     except RegistrationDiverged as err:
         if ckpt_path is not None and sharding.writes:
             err.partial.save(ckpt_path.with_name(ckpt_path.stem + ".partial.pt"))
