@@ -84,14 +84,19 @@ def _edges(edges, n: int, name: str, *, polyline: bool = False, closed: bool = F
         idx = np.arange(n)
         seg = np.stack([idx[:-1], idx[1:]], axis=1)
         return np.concatenate([seg, [[n - 1, 0]]]) if closed and n > 2 else seg
-    if hasattr(edges, "detach"):
-        edges = edges.detach().cpu().numpy()
-    edges = np.asarray(edges)
-    if edges.ndim != 2 or edges.shape[1] != 2 or edges.dtype.kind not in "iu":
-        raise ValueError(f"{name} must be an integer array of shape (E, 2), got {edges.dtype} {edges.shape}")
-    if edges.size and (edges.min() < 0 or edges.max() >= n):
-        raise ValueError(f"{name} refers to point {int(edges.max())}, but there are only {n} points")
-    return edges.astype(np.int64)
+    return _indices(edges, n, name, "E", 2)
+
+
+def _indices(a, n: int, name: str, rows: str, width: int) -> np.ndarray:  # -> (rows, width) int64
+    """An integer array of point indices (segments, triangles), checked against n points."""
+    if hasattr(a, "detach"):
+        a = a.detach().cpu().numpy()
+    a = np.asarray(a)
+    if a.ndim != 2 or a.shape[1] != width or a.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be an integer array of shape ({rows}, {width}), got {a.dtype} {a.shape}")
+    if a.size and (a.min() < 0 or a.max() >= n):
+        raise ValueError(f"{name} refers to point {int(a.max())}, but there are only {n} points")
+    return a.astype(np.int64)
 
 
 def _limits(clouds, margin: float = 0.08) -> tuple[np.ndarray, np.ndarray]:
@@ -288,16 +293,7 @@ def _update_shape(artist, camera: _Camera, pts: np.ndarray, faces, color: str, f
 
 def _faces(faces, n: int, name: str) -> np.ndarray | None:
     """Triangles (F, 3) int64 to draw, or None (draw dots)."""
-    if faces is None:
-        return None
-    if hasattr(faces, "detach"):
-        faces = faces.detach().cpu().numpy()
-    faces = np.asarray(faces)
-    if faces.ndim != 2 or faces.shape[1] != 3 or faces.dtype.kind not in "iu":
-        raise ValueError(f"{name} must be an integer array of shape (F, 3), got {faces.dtype} {faces.shape}")
-    if faces.size and (faces.min() < 0 or faces.max() >= n):
-        raise ValueError(f"{name} refers to point {int(faces.max())}, but there are only {n} points")
-    return faces.astype(np.int64)
+    return None if faces is None else _indices(faces, n, name, "F", 3)
 
 
 def _flip_mask(flipped, faces: np.ndarray | None) -> np.ndarray | None:
@@ -587,7 +583,8 @@ def plot_filmstrip(
         if dim == 2:
             _draw2d(ax, pts, tseg if is_target else seg, color=TARGET if is_target else MOVING, size=6)
         else:
-            color = (SURFACE_TARGET if is_target else SURFACE_MOVING) if (ttri if is_target else tri) is not None \
+            # a mesh's row keeps the surface colours (red is for flipped triangles), a cloud's the usual ones
+            color = (SURFACE_TARGET if is_target else SURFACE_MOVING) if tri is not None \
                 else (TARGET if is_target else MOVING)
             _draw_shape(ax, camera, pts, ttri if is_target else tri, color, size=_dot_size(len(pts), height),
                         flipped=flips if (not is_target and times[k] == 1.0) else None)
@@ -778,8 +775,7 @@ def plot_registration(
             _panel(ax, lo, hi, label)
             if f is None and tri is None:  # dots: the target faint behind the moving shape
                 _draw_shape(ax, camera, tgt, None, TARGET, size=dot, alpha=0.35, zorder=1)
-            _draw_shape(ax, camera, pts, f, color if f is not None or label != "target" else TARGET, flipped=red,
-                        size=dot)
+            _draw_shape(ax, camera, pts, f, color, flipped=red, size=dot)
         if tri is None:
             from matplotlib.lines import Line2D
 

@@ -169,3 +169,104 @@ def test_big_clouds_are_drawn_as_a_subset(tmp_path):
                             max_points=200)
     frames, _ = _frames(path)
     assert len(frames) == 3
+
+
+# -- 3-D: the camera, shaded meshes, flipped triangles, the filmstrip --------------------------------------
+
+def _tube(around=16, rings=9, length=3.0):
+    """A closed-ish tube along y (a capped-off cylinder is not needed: an open tube is a mesh too)."""
+    t = 2 * np.pi * np.arange(around) / around
+    y = np.linspace(0, length, rings)
+    pts = np.stack([np.stack([np.cos(t), np.full(around, yy), np.sin(t)], 1) for yy in y]).reshape(-1, 3)
+    faces = []
+    for i in range(rings - 1):
+        for j in range(around):
+            a, b = i * around + j, i * around + (j + 1) % around
+            faces += [[a, a + around, b + around], [a, b + around, b]]
+    return pts, np.array(faces)
+
+
+@pytest.mark.parametrize("up, axis", [("y", 1), ("z", 2), ("-y", 1), ("x", 0)])
+def test_camera_draws_up_upwards(up, axis):
+    cam = viz._Camera(np.random.default_rng(0).normal(size=(50, 3)), up, (0.0, 0.0))
+    direction = np.eye(3)[axis] * (-1 if up.startswith("-") else 1)
+    xy, depth = cam(np.stack([np.zeros(3), direction]))
+    np.testing.assert_allclose(xy[1] - xy[0], [0.0, 1.0], atol=1e-12)  # straight up on the screen
+    assert np.allclose(cam.basis @ cam.basis.T, np.eye(3))  # a rotation: lengths and angles kept
+    assert np.linalg.det(cam.basis) == pytest.approx(1.0)  # not a mirror image
+
+
+def test_camera_auto_up_is_the_principal_axis_and_elevation_looks_down():
+    rng = np.random.default_rng(1)
+    axis = np.array([1.0, 2.0, -0.5]) / np.linalg.norm([1.0, 2.0, -0.5])
+    pts = rng.normal(size=(400, 3)) * 0.1 + np.outer(rng.normal(size=400) * 3, axis)
+    cam = viz._Camera(pts, "auto", (0.0, 0.0))
+    assert abs(cam.basis[1] @ axis) > 0.99
+    flat = viz._Camera(pts, "y", (0.0, 0.0))
+    raised = viz._Camera(pts, "y", (30.0, 0.0))
+    # raised: the camera is above the shape, so its direction towards the camera has a +y component
+    assert flat.basis[2] @ [0, 1, 0] == pytest.approx(0.0, abs=1e-12)
+    assert raised.basis[2] @ [0, 1, 0] == pytest.approx(np.sin(np.radians(30)))
+    with pytest.raises(ValueError, match="up must be"):
+        viz._Camera(pts, "w", (0.0, 0.0))
+
+
+class _MeshRegistration(_StubRegistration):
+    def __init__(self, source, target, matrix, faces, flipped):
+        super().__init__(source, target, matrix)
+        self.faces, self._flipped = faces, flipped
+
+    def flipped_triangles(self, faces=None):
+        return self._flipped
+
+
+def _red_pixels(path) -> int:
+    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+    return int(((rgb[..., 0] > 200) & (rgb[..., 1] < 60) & (rgb[..., 2] < 60)).sum())
+
+
+def test_mesh_registration_picture_shows_flipped_triangles_in_red(tmp_path):
+    pts, faces = _tube()
+    none = np.zeros(len(faces), dtype=bool)
+    some = none.copy()
+    some[100:140] = True
+    clean = viz.plot_registration(_MeshRegistration(pts, pts * 1.1, np.eye(3), faces, none), tmp_path / "a.png",
+                                  up="y", dpi=60)
+    red = viz.plot_registration(_MeshRegistration(pts, pts * 1.1, np.eye(3), faces, some), tmp_path / "b.png",
+                                up="y", dpi=60)
+    assert _red_pixels(clean) == 0 and _red_pixels(red) > 20
+    # upright and tight: a tube standing along y gives panels taller than wide
+    width, height = Image.open(clean).size
+    assert width < 3 * height
+
+
+def test_filmstrip_has_one_panel_per_time_and_the_target(tmp_path):
+    pts, faces = _tube(rings=5)
+    traj = np.stack([pts + [0.5 * l, 0, 0] for l in range(5)])
+    path = viz.plot_filmstrip(traj, tmp_path / "f.png", target=traj[-1] + 0.1, faces=faces, target_faces=faces,
+                              up="y", height=2.0, dpi=50)
+    im = Image.open(path)
+    assert im.format == "PNG" and im.size[0] > 2.5 * im.size[1]  # six panels side by side
+    a = viz.plot_filmstrip(traj, tmp_path / "g.png", times=(0.0, 1.0), up="y", height=2.0, dpi=50)  # dots
+    assert Image.open(a).size[0] < im.size[0]
+    np.testing.assert_allclose(viz._at_time(traj, 0.5), traj[2])
+    np.testing.assert_allclose(viz._at_time(traj, 0.375), 0.5 * (traj[1] + traj[2]))
+    with pytest.raises(ValueError, match="times"):
+        viz.plot_filmstrip(traj, tmp_path / "h.png", times=(0.0, 1.5))
+    face = _circle_trajectory(layers=2, n=20)
+    viz.plot_filmstrip(face, tmp_path / "2d.png", target=face[-1], height=2.0, dpi=50)  # 2-D curves work too
+
+
+def test_gif_of_a_mesh(tmp_path):
+    pts, faces = _tube(rings=4)
+    traj = np.stack([pts * (1 + 0.2 * l) for l in range(3)])
+    flipped = np.zeros(len(faces), dtype=bool)
+    flipped[:10] = True
+    path = viz.animate_flow(traj, pts, traj[-1], tmp_path / "m.gif", faces=faces, target_faces=faces,
+                            flipped=flipped, up="y", inbetween=0, hold=0, size=2.0, dpi=40)
+    frames, _ = _frames(path)
+    assert len(frames) == 3
+    red = [int(((f[..., 0] > 200) & (f[..., 1] < 60) & (f[..., 2] < 60)).sum()) for f in frames]
+    assert red[0] == 0 and red[-1] > 0  # flipped triangles are red at t = 1 only
+    with pytest.raises(ValueError, match="faces refers to point"):
+        viz.animate_flow(traj, None, None, tmp_path / "x.gif", faces=np.array([[0, 1, 999]]))
