@@ -35,7 +35,7 @@ def pair_distance(x: Tensor, y: Tensor, norm: int) -> Tensor:  # (..., D), (...,
     """The distance the neighbours are ranked by: squared Euclidean (norm=2) or L1 (norm=1), from
     coordinate differences (accurate far from the origin)."""
     diff = x - y
-    return diff.pow(2).sum(-1) if norm == 2 else diff.abs().sum(-1)
+    return (diff**2).sum(-1) if norm == 2 else diff.abs().sum(-1)  # ** and abs(): torch and KeOps alike
 
 
 def gather_distances(
