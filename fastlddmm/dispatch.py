@@ -198,11 +198,13 @@ TABLE: dict[str, dict[str, Entry]] = {
     },
     "softmin": {
         "reference": Entry("fastlddmm.ops.softmin.reference", ("cpu", "cuda")),
+        "cpu": Entry("fastlddmm.ops.softmin.cpu", ("cpu",), _fused_dtype),
         "keops": Entry("fastlddmm.ops.softmin.keops", ("cpu", "cuda")),
         "triton": Entry("fastlddmm.ops.softmin.triton", ("cuda", "cpu"), _fused_dtype),
     },
     "projection": {
         "reference": Entry("fastlddmm.ops.projection.reference", ("cpu", "cuda")),
+        "cpu": Entry("fastlddmm.ops.projection.cpu", ("cpu",), _fused_dtype),
         "keops": Entry("fastlddmm.ops.projection.keops", ("cpu", "cuda")),
         "triton": Entry("fastlddmm.ops.projection.triton", ("cuda", "cpu"), _fused_dtype),
     },
