@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "euler_flow/euler_flow.h"
+#include "nearest/nearest_cpu.h"
 #include "projection/projection_cpu.h"
 #include "softmin/softmin_cpu.h"
 
@@ -165,6 +166,24 @@ void projection_backward(const std::string& dtype, ptr_t x, ptr_t y, ptr_t h, pt
   }
 }
 
+void knn(const std::string& dtype, ptr_t x, ptr_t y, ptr_t x_lengths, ptr_t y_lengths, int64_t batch, int64_t n,
+         int64_t m, int64_t dim, int64_t k, int64_t norm, int num_threads, ptr_t index) {
+  require(x, "x");
+  require(y, "y");
+  require(index, "index");
+  if (batch < 0 || n < 0 || m < 0) throw std::invalid_argument("nearest: invalid sizes");
+  py::gil_scoped_release release;
+  if (is_double(dtype)) {
+    fastlddmm::knn_cpu<double>(P<const double>(x), P<const double>(y), P<const int64_t>(x_lengths),
+                               P<const int64_t>(y_lengths), batch, n, m, static_cast<int>(dim), static_cast<int>(k),
+                               static_cast<int>(norm), num_threads, P<int64_t>(index));
+  } else {
+    fastlddmm::knn_cpu<float>(P<const float>(x), P<const float>(y), P<const int64_t>(x_lengths),
+                              P<const int64_t>(y_lengths), batch, n, m, static_cast<int>(dim), static_cast<int>(k),
+                              static_cast<int>(norm), num_threads, P<int64_t>(index));
+  }
+}
+
 #ifdef FASTLDDMM_WITH_CUDA
 void cuda_forward(const std::string& dtype, ptr_t x, ptr_t w1, ptr_t b1, ptr_t w2, ptr_t b2, double dt,
                   const std::string& activation, int64_t n, int64_t dim, int64_t width, int64_t layers,
@@ -265,6 +284,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("m"), py::arg("dim"), py::arg("eps"), py::arg("p"), py::arg("num_threads"), py::arg("grad_x"),
         py::arg("grad_h"), py::arg("grad_v"),
         "Gradients of projection_forward_cpu (grad_x / grad_h / grad_v may be 0: not computed).");
+  m.def("knn_cpu", &knn, py::arg("dtype"), py::arg("x"), py::arg("y"), py::arg("x_lengths"), py::arg("y_lengths"),
+        py::arg("batch"), py::arg("n"), py::arg("m"), py::arg("dim"), py::arg("k"), py::arg("norm"),
+        py::arg("num_threads"), py::arg("index"),
+        "Exact K nearest neighbours by a k-d tree; index (B, N, k) int64 must be zero-filled (padded places stay "
+        "0). Lengths may be 0 (full). See csrc/nearest/nearest_cpu.h.");
 #ifdef FASTLDDMM_WITH_CUDA
   m.def("euler_flow_forward_cuda", &cuda_forward, py::arg("dtype"), py::arg("x"), py::arg("weight1"),
         py::arg("bias1"), py::arg("weight2"), py::arg("bias2"), py::arg("dt"), py::arg("activation"), py::arg("n"),

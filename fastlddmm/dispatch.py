@@ -189,6 +189,12 @@ def _first_nearest_only(pr: Problem) -> str | None:
     return _fused_dtype(pr)
 
 
+def _cpu_nearest(pr: Problem) -> str | None:
+    if pr.dim > 64:
+        return f"its k-d tree takes points of dimension D <= 64, got D = {pr.dim} (use backend='keops' or 'reference')"
+    return _fused_dtype(pr)
+
+
 TABLE: dict[str, dict[str, Entry]] = {
     "euler_flow": {
         "reference": Entry("fastlddmm.ops.euler_flow.reference", ("cpu", "cuda")),
@@ -210,6 +216,7 @@ TABLE: dict[str, dict[str, Entry]] = {
     },
     "nearest": {
         "reference": Entry("fastlddmm.ops.nearest.reference", ("cpu", "cuda")),
+        "cpu": Entry("fastlddmm.ops.nearest.cpu", ("cpu",), _cpu_nearest),
         "kdtree": Entry("fastlddmm.ops.nearest.kdtree", ("cpu", "cuda")),  # CUDA tensors go through the host
         "keops": Entry("fastlddmm.ops.nearest.keops", ("cpu", "cuda")),
         "triton": Entry("fastlddmm.ops.nearest.triton", ("cuda", "cpu"), _first_nearest_only),
