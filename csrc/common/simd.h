@@ -167,6 +167,22 @@ inline vec<T> exp2(vec<T> d) {
 #endif
 }
 
+// The smallest lane.
+template <typename T>
+inline T hmin(vec<T> a) {
+#if FASTLDDMM_SIMD_AVX512
+  if constexpr (sizeof(T) == 4) {
+    return _mm512_reduce_min_ps(reinterpret_cast<__m512>(a));
+  } else {
+    return _mm512_reduce_min_pd(reinterpret_cast<__m512d>(a));
+  }
+#else
+  T m = a[0];
+  for (int l = 1; l < Lanes<T>::W; ++l) m = a[l] < m ? a[l] : m;
+  return m;
+#endif
+}
+
 // Flush-to-zero and denormals-are-zero on this thread while in scope (x86: MXCSR bits 15 and 6).
 struct FlushDenormals {
 #if defined(__x86_64__) || defined(_M_X64)

@@ -77,22 +77,95 @@ void build_node(Tree<T>& tr, const T* y, std::vector<int64_t>& perm, int64_t nod
   }
 }
 
+// Fixed D: the points themselves are moved (records of D coordinates + index), so that every pass of
+// the build reads contiguous memory (3x faster than moving a permutation at 10^6 points).
+template <typename T, int D>
+struct Rec {
+  T c[D];
+  int64_t id;
+};
+
+template <typename T, int D>
+void build_node_fixed(Tree<T>& tr, Rec<T, D>* r, int64_t node, int64_t b, int64_t e, int level, int parallel_levels) {
+  if (level == tr.depth) return;
+  T lo[D], hi[D];
+  for (int d = 0; d < D; ++d) lo[d] = hi[d] = r[b].c[d];
+  for (int64_t i = b + 1; i < e; ++i)
+    for (int d = 0; d < D; ++d) {
+      lo[d] = std::min(lo[d], r[i].c[d]);
+      hi[d] = std::max(hi[d], r[i].c[d]);
+    }
+  int best = 0;
+  for (int d = 1; d < D; ++d)
+    if (hi[d] - lo[d] > hi[best] - lo[best]) best = d;
+  const int64_t mid = (b + e) / 2;
+  std::nth_element(r + b, r + mid, r + e, [best](const Rec<T, D>& u, const Rec<T, D>& v) {
+    return u.c[best] < v.c[best] || (u.c[best] == v.c[best] && u.id < v.id);  // total order
+  });
+  tr.split[node] = r[mid].c[best];
+  tr.sdim[node] = static_cast<uint8_t>(best);
+  if (level < parallel_levels) {
+#ifdef _OPENMP
+#pragma omp task default(shared)
+#endif
+    build_node_fixed<T, D>(tr, r, 2 * node + 1, b, mid, level + 1, parallel_levels);
+#ifdef _OPENMP
+#pragma omp task default(shared)
+#endif
+    build_node_fixed<T, D>(tr, r, 2 * node + 2, mid, e, level + 1, parallel_levels);
+#ifdef _OPENMP
+#pragma omp taskwait
+#endif
+  } else {
+    build_node_fixed<T, D>(tr, r, 2 * node + 1, b, mid, level + 1, parallel_levels);
+    build_node_fixed<T, D>(tr, r, 2 * node + 2, mid, e, level + 1, parallel_levels);
+  }
+}
+
+template <typename T, int D>
+void build_fixed(Tree<T>& tr, const T* y, int64_t m, int parallel_levels, int threads) {
+  constexpr int W = simd::Lanes<T>::W;
+  std::vector<Rec<T, D>> r(static_cast<size_t>(m));
+  for (int64_t i = 0; i < m; ++i) {
+    for (int d = 0; d < D; ++d) r[i].c[d] = y[i * D + d];
+    r[i].id = i;
+  }
+  if (parallel_levels > 0) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+#pragma omp single
+#endif
+    build_node_fixed<T, D>(tr, r.data(), 0, 0, m, 0, parallel_levels);
+  } else {
+    build_node_fixed<T, D>(tr, r.data(), 0, 0, m, 0, 0);
+  }
+  tr.coord.assign(static_cast<size_t>(D * (m + W)), T(0));
+  tr.index.resize(static_cast<size_t>(m));
+  for (int64_t i = 0; i < m; ++i) {
+    for (int d = 0; d < D; ++d) tr.coord[d * (m + W) + i] = r[i].c[d];
+    tr.index[i] = r[i].id;
+  }
+}
+
 template <typename T>
 void build(Tree<T>& tr, const T* y, int64_t m, int dim, int threads) {
   constexpr int W = simd::Lanes<T>::W;
   tr.dim = dim;
   tr.m = m;
   tr.depth = 0;
-  while ((m >> tr.depth) > kLeafMax) ++tr.depth;  // leaves: ceil/floor halvings of m, <= kLeafMax points
+  while ((m >> tr.depth) > kLeafMax) ++tr.depth;  // leaves: ceil/floor halvings of m, <= kLeafMax + 1 points
   if (dim > 255) throw std::invalid_argument("nearest: the cpu k-d tree supports D <= 255");
   const int64_t internal = (int64_t(1) << tr.depth) - 1;
   tr.split.assign(static_cast<size_t>(internal), T(0));
   tr.sdim.assign(static_cast<size_t>(internal), 0);
+  int parallel_levels = 0;
+  while (threads > 1 && m > 20000 && (int64_t(1) << parallel_levels) < 4 * threads && parallel_levels < tr.depth)
+    ++parallel_levels;
+  if (dim == 3) return build_fixed<T, 3>(tr, y, m, parallel_levels, threads);
+  if (dim == 2) return build_fixed<T, 2>(tr, y, m, parallel_levels, threads);
   std::vector<int64_t> perm(static_cast<size_t>(m));
   std::iota(perm.begin(), perm.end(), int64_t(0));
-  int parallel_levels = 0;
-  while (threads > 1 && (int64_t(1) << parallel_levels) < 4 * threads && parallel_levels < tr.depth) ++parallel_levels;
-  if (parallel_levels > 0 && m > 20000) {
+  if (parallel_levels > 0) {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
 #pragma omp single
@@ -152,9 +225,7 @@ struct Searcher {
     V lane;
     for (int l = 0; l < W; ++l) lane[l] = static_cast<T>(l);
     dv = lane < static_cast<T>(len) ? acc : simd::splat<T>(std::numeric_limits<T>::infinity());
-    T mn = dv[0];
-    for (int l = 1; l < W; ++l) mn = std::min(mn, dv[l]);
-    return mn;
+    return simd::hmin<T>(dv);
   }
 
   void leaf(int64_t b, int64_t e) {
@@ -162,6 +233,12 @@ struct Searcher {
       V dv;
       const T mn = leaf_distance_lanes(s, std::min<int64_t>(W, e - s), dv);
       if (mn > best.worst()) continue;
+      if (best.k == 1) {  // the first lane holding the minimum (the smallest tree position among ties)
+        int l = 0;
+        while (dv[l] != mn) ++l;
+        best.offer(mn, s + l);
+        continue;
+      }
       for (int l = 0; l < W && s + l < e; ++l)
         if (dv[l] <= best.worst()) best.offer(dv[l], s + l);
     }
@@ -203,8 +280,8 @@ struct Searcher {
 template <typename T>
 int64_t leaf_of(const Tree<T>& tr, const T* q) {
   int64_t node = 0;
-  for (int level = 0; level < tr.depth; ++level)
-    node = 2 * node + (q[tr.sdim[node]] <= tr.split[node] ? 1 : 2);
+  for (int level = 0; level < tr.depth; ++level)  // branch-free: the direction is data, not a jump
+    node = 2 * node + 1 + static_cast<int64_t>(q[tr.sdim[node]] > tr.split[node]);
   return node - ((int64_t(1) << tr.depth) - 1);
 }
 
@@ -220,6 +297,11 @@ void query_all(const Tree<T>& tr, const T* x, int64_t n, int dim, int k, int thr
   }
   for (int64_t l = 0; l < leaves; ++l) start[l + 1] += start[l];
   for (int64_t i = 0; i < n; ++i) order[start[leaf[i]]++] = i;
+  // The queries copied in that order: the search then reads them sequentially (a gather loop overlaps the
+  // cache misses that reading x in a random order would take one by one inside the search).
+  std::vector<T> xs(static_cast<size_t>(n * dim));
+  for (int64_t t = 0; t < n; ++t)
+    for (int d = 0; d < dim; ++d) xs[t * dim + d] = x[order[t] * dim + d];
   const int64_t ntasks = (n + kQueriesPerTask - 1) / kQueriesPerTask;
   parallel_tasks(ntasks, threads, [&](int64_t task) {
     std::vector<T> dist(static_cast<size_t>(k));
@@ -228,7 +310,7 @@ void query_all(const Tree<T>& tr, const T* x, int64_t n, int dim, int k, int thr
     const int64_t i1 = std::min(n, (task + 1) * kQueriesPerTask);
     for (int64_t t = task * kQueriesPerTask; t < i1; ++t) {
       const int64_t i = order[t];
-      s.q = x + i * dim;
+      s.q = xs.data() + t * dim;
       std::fill(dist.begin(), dist.end(), std::numeric_limits<T>::infinity());
       std::fill(pos.begin(), pos.end(), std::numeric_limits<int64_t>::max());
       for (int d = 0; d < dim; ++d) s.off[d] = T(0);
