@@ -223,7 +223,7 @@ void fast_forward(const T* x, const T* weight1, const T* bias1, const T* weight2
   const int64_t ntiles = (N + tile - 1) / tile;
   const std::vector<T> w2t = transpose_w2(weight2, L, D, H);
   std::vector<double> tile_energy(static_cast<size_t>(ntiles), 0.0);  // summed in tile order below
-  parallel_tasks(ntiles, resolve_threads(num_threads), [&](int64_t t) {
+  parallel_tasks(ntiles, threads_for(resolve_threads(num_threads), double(N) * L * H, 65536.0), [&](int64_t t) {
     const int64_t p0 = t * tile, n = std::min(tile, N - p0);
     Vf<T> xv[D][kVecs], v[D][kVecs];
     tile_in<T, D>(x + p0 * D, n, xv);
@@ -261,11 +261,11 @@ void fast_backward(const T* grad_x_final, T grad_kinetic_sum, const T* states, c
   const int64_t ntiles = (N + tile - 1) / tile;
   const int64_t chunk_tiles = chunk_size(ntiles), nchunks = (ntiles + chunk_tiles - 1) / chunk_tiles;
   const std::vector<T> w2t = transpose_w2(weight2, L, D, H);
+  const int threads = threads_for(resolve_threads(num_threads), double(N) * L * H, 16384.0);
   // Lane-wise accumulators of one chunk: [gw1 (L,H,D) | gb1 (L,H) | gw2t (L,H,D) | gb2 (L,D)] vectors.
   const int64_t o_gb1 = L * H * D, o_gw2 = o_gb1 + L * H, o_gb2 = o_gw2 + L * H * D, psize = o_gb2 + L * D;
   std::vector<double> partial(static_cast<size_t>(nchunks * psize), 0.0);
   const T ce = static_cast<T>(2.0 * static_cast<double>(grad_kinetic_sum));  // dLoss/dv from S: 2 dLoss/dS v
-  const int threads = resolve_threads(num_threads);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
 #endif

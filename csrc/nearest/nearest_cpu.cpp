@@ -336,12 +336,14 @@ void knn_cpu(const T* x, const T* y, const int64_t* x_lengths, const int64_t* y_
   if (k < 1) throw std::invalid_argument("nearest: k must be >= 1");
   if (norm != 1 && norm != 2) throw std::invalid_argument("nearest: norm must be 1 or 2");
   if (dim < 1 || dim > 64) throw std::invalid_argument("nearest: the cpu k-d tree supports 1 <= D <= 64");
-  const int threads = resolve_threads(num_threads);
+  const int max_threads = resolve_threads(num_threads);
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t nb = x_lengths ? std::min<int64_t>(std::max<int64_t>(x_lengths[b], 0), n) : n;
     const int64_t mb = y_lengths ? std::min<int64_t>(std::max<int64_t>(y_lengths[b], 0), m) : m;
     const int kk = static_cast<int>(std::min<int64_t>(k, mb));
     if (nb == 0 || kk == 0) continue;
+    // ~4096 queries at least per thread (a query costs ~0.3 us).
+    const int threads = threads_for(max_threads, static_cast<double>(std::max(nb, mb)), 4096.0);
     Tree<T> tr;
     {
       simd::FlushDenormals ftz;

@@ -47,7 +47,7 @@ void projection_forward_cpu(const T* x, const T* y, const T* h, const T* v, int6
   using namespace pairs;
   check(m, p);
   if (n == 0 || batch == 0) return;
-  const int threads = resolve_threads(num_threads);
+  const int threads = threads_for(resolve_threads(num_threads), double(batch) * n * m, 131072.0);
   std::vector<Item<T>> items(static_cast<size_t>(batch));
   prepare_items(items, x, y, h, v, n, m, dim, eps, p, threads);
   std::vector<double> mean(static_cast<size_t>(batch * n * dim));
@@ -68,7 +68,7 @@ void projection_backward_cpu(const T* x, const T* y, const T* h, const T* v, con
   using namespace pairs;
   check(m, p);
   if (batch == 0) return;
-  const int threads = resolve_threads(num_threads);
+  const int threads = threads_for(resolve_threads(num_threads), double(batch) * n * m, 131072.0);
   if (n == 0) {  // nothing reduced: zero gradients
     if (grad_h) std::fill(grad_h, grad_h + batch * m, T(0));
     if (grad_v) std::fill(grad_v, grad_v + batch * m * dim, T(0));

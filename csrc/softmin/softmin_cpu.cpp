@@ -16,7 +16,8 @@ void softmin_cpu(const T* x, const T* y, const T* h, int64_t batch, int64_t n, i
   if (p != 1 && p != 2) throw std::invalid_argument("softmin: p must be 1 or 2");
   if (n == 0 || batch == 0) return;
   if (m < 1) throw std::invalid_argument("softmin: the reference cloud is empty");
-  const int threads = resolve_threads(num_threads);
+  // ~2^17 pairs (tens of microseconds) at least per thread.
+  const int threads = threads_for(resolve_threads(num_threads), double(batch) * n * m, 131072.0);
   const bool want_grad = grad != nullptr;
   const int nv = want_grad ? dim : 0;  // the gradient averages the reference coordinates
   std::vector<RefBuffer<T>> refs(static_cast<size_t>(batch));
