@@ -105,8 +105,8 @@ inline bool any_greater(vec<T> a, vec<T> b) {
   auto m = a > b;  // -1 / 0 per lane
   typename Lanes<T>::I acc = reinterpret_cast<typename Lanes<T>::I>(m);
   // OR-fold the halves (log2 W steps); the compiler turns these into shuffles.
-  decltype(acc[0]) r = 0;
-  for (int l = 0; l < Lanes<T>::W; ++l) r |= acc[l];
+  int64_t r = 0;
+  for (int l = 0; l < Lanes<T>::W; ++l) r |= static_cast<int64_t>(acc[l]);
   return r != 0;
 #endif
 }
