@@ -31,7 +31,11 @@ struct FlowSizes {
 
 // ---------------------------------------------------------------------------------------------
 // CPU (csrc/euler_flow/euler_flow_cpu.cpp): OpenMP over tiles of points, all layers per tile
-// (the weights of all layers stay in cache); hidden activations live only in a per-thread tile.
+// (the weights of all layers stay in cache). D = 2 and 3 (template parameter): a tile of 64 floats / 32
+// doubles held in registers as structure of arrays, one hidden unit at a time (z and h never stored);
+// other D: [row][point] tiles in memory. Extra memory: the states, and per chunk of tiles a partial sum
+// of the parameter gradients (at most ~512 chunks). Threads: num_threads (the launcher passes
+// torch.get_num_threads()).
 // ---------------------------------------------------------------------------------------------
 
 // Forward pass.
@@ -61,8 +65,8 @@ void euler_flow_forward_cpu(const scalar_t* x, const scalar_t* weight1, const sc
 // Returns (written into caller buffers, every one fully overwritten):
 //   grad_x:       (N, D)
 //   grad_weight1: (L, H, D), grad_bias1: (L, H), grad_weight2: (L, D, H), grad_bias2: (L, D)
-//                 tile sums (<= 64 points, scalar_t) added into per-thread double partials, then reduced
-//                 in thread order: deterministic for a fixed thread count.
+//                 summed per chunk of tiles (a fixed cut of the points: 32 tiles, more for very large N),
+//                 the chunks added in chunk order in double: bitwise the same whatever num_threads.
 template <typename scalar_t>
 void euler_flow_backward_cpu(const scalar_t* grad_x_final, scalar_t grad_kinetic_sum, const scalar_t* states,
                              const scalar_t* weight1, const scalar_t* bias1, const scalar_t* weight2,
