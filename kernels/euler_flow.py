@@ -1,7 +1,7 @@
 """Triton kernels of the fused ResNet-LDDMM Euler flow: forward and backward, then the launchers.
 
 Model and backward formulas: see fastlddmm/reference/flow.py (the ground truth) and the fused-flow
-contract in fastlddmm/ops/euler_flow.py. Per layer l, for every point x (a row of the tile):
+contract in fastlddmm/ops/flow/__init__.py. Per layer l, for every point x (a row of the tile):
     z = W1_l x + b1_l (H),  h = ρ(z),  v = W2_l h + b2_l (D),  x <- x + dt·v,
     S = Σ_l Σ_i |v_l(x_i^l)|² (the kinetic sum; the op makes it the energy ½ · dt · S / N).
 
@@ -377,7 +377,7 @@ def forward(
     block_h: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # (N, D), (L, N, D) or (0, N, D), ()
     """The fused flow: (x at time 1, states with states[l] = input of block l (empty unless save_states),
-    the kinetic sum S = Σ_l Σ_i |v_l(x_i^l)|²): the launcher contract of fastlddmm/ops/euler_flow.
+    the kinetic sum S = Σ_l Σ_i |v_l(x_i^l)|²): the launcher contract of fastlddmm/ops/flow.
 
     Contiguous tensors of one dtype (float32 or float64) on a CUDA device, or on the CPU under
     TRITON_INTERPRET=1. block_n / block_h override the tile sizes (powers of two; for tests).

@@ -64,9 +64,12 @@ def assert_close(actual: Tensor, expected: Tensor, *, rtol: float, atol: float, 
 
 def assert_close_to_max(actual: Tensor, expected: Tensor, tol: float, name: str = "tensor") -> None:
     """|actual - expected| <= tol · (|expected| + max |expected|) everywhere, compared in float64: for sums
-    whose rounding error scales with their largest terms, not with each entry (soft-mins, gradients)."""
+    whose rounding error scales with their largest terms, not with each entry (soft-mins, gradients).
+    An expected tensor of zeros (a gradient that cancels exactly, e.g. a soft-max over one point) is compared
+    to the absolute tolerance tol: the inputs of these tests are O(1), so is the rounding of the cancelling terms."""
     expected = expected.detach().double()
     scale = float(expected.abs().max()) if expected.numel() else 0.0
+    scale = scale if scale > 0 else 1.0
     assert_close(actual.detach().double(), expected, rtol=tol, atol=tol * scale, name=name)
 
 

@@ -17,8 +17,8 @@ import torch
 
 import fastlddmm as fl
 from fastlddmm import dispatch
-from fastlddmm.ops.euler_flow import euler_flow
-from fastlddmm.ops.euler_flow import reference as flow_reference
+from fastlddmm.ops import euler_flow
+from fastlddmm.ops.flow import reference as flow_reference
 from fastlddmm.ops.nearest import gather_distances
 from fastlddmm.ops.nearest import reference as nearest_reference
 from fastlddmm.ops.projection import reference as projection_reference
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(not dispatch.status("cpu"),
                                 reason="fastlddmm._C is not built: pip install . with a C++ compiler builds it")
 
 if dispatch.status("cpu"):
-    from fastlddmm.ops.euler_flow import cpu as flow_cpu
+    from fastlddmm.ops.flow import cpu as flow_cpu
     from fastlddmm.ops.nearest import cpu as nearest_cpu
     from fastlddmm.ops.projection import cpu as projection_cpu
     from fastlddmm.ops.softmin import cpu as softmin_cpu

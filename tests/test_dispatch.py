@@ -137,15 +137,15 @@ def test_reference_runs_every_op_on_any_device_and_dtype():
 
 
 def test_a_backend_without_the_op_says_which_have_it():
-    with pytest.raises(dispatch.BackendUnavailableError, match=r"'cpu' has no nearest; use one of \('auto', 'reference'"):
-        dispatch.load("nearest", "cpu")
+    with pytest.raises(dispatch.BackendUnavailableError, match=r"'cuda' has no nearest; use one of \('auto', 'reference'"):
+        dispatch.load("nearest", "cuda")
     with pytest.raises(dispatch.BackendUnavailableError, match="'kdtree' has no softmin"):
         dispatch.choose("softmin", "kdtree", cpu())
     x, y = random_points(5, 3), random_points(4, 3, seed=2)
-    with pytest.raises(fl.BackendUnavailableError, match="'cpu' has no nearest"):
-        fl.chamfer(x, y, backend="cpu")
-    with pytest.raises(fl.BackendUnavailableError, match="'cpu' has no nearest"):
-        fl.nearest(x, y, backend="cpu")
+    with pytest.raises(fl.BackendUnavailableError, match="'cuda' has no nearest"):
+        fl.chamfer(x, y, backend="cuda")
+    with pytest.raises(fl.BackendUnavailableError, match="'cuda' has no nearest"):
+        fl.nearest(x, y, backend="cuda")
     with pytest.raises(fl.BackendUnavailableError, match="'kdtree' has no softmin"):
         fl.sinkhorn(x, y, backend="kdtree")
     with pytest.raises(fl.BackendUnavailableError, match="'cuda' has no softmin"):
@@ -167,7 +167,7 @@ def test_unknown_backend_names_are_refused_by_every_front_end():
 def test_an_unavailable_backend_raises_its_reason_and_auto_falls_back(pretend):
     """A backend named by the user that is not built raises with status()'s reason (why, and how to get
     it); "auto" runs the reference instead, with no error."""
-    pretend("reference", "cpu", "kdtree", "triton")  # no keops
+    pretend("reference", "kdtree", "triton")  # no keops (and no compiled CPU kernels)
     x, y = random_points(5, 3), random_points(4, 3, seed=2)
     for call in (lambda: fl.chamfer(x, y, backend="keops"), lambda: fl.nearest(x, y, backend="keops"),
                  lambda: fl.sinkhorn(x, y, backend="keops"), lambda: fl.sinkhorn_projection(x, y, backend="keops")):
@@ -280,6 +280,12 @@ def test_auto_euler_flow(pretend, monkeypatch):
 
 def test_auto_nearest_cpu(pretend):
     pretend(*dispatch.BACKENDS)
+    # the C++ k-d tree at every size (its measured crossovers are in dispatch.py), up to its D <= 64
+    assert dispatch.choose("nearest", "auto", cpu(n=3, m=3)) == "cpu"
+    assert dispatch.choose("nearest", "auto", cpu(dim=64, n=1000, m=1000, k=5, norm=1)) == "cpu"
+    assert dispatch.choose("nearest", "auto", cpu(torch.float16, n=1000, m=1000)) != "cpu"
+    assert dispatch.choose("nearest", "auto", cpu(dim=65, n=1000, m=1000)) == "keops"
+    pretend(*(b for b in dispatch.BACKENDS if b != "cpu"))  # without the compiled module: the older rule
     limit, max_dim = dispatch.NEAREST_DENSE_MAX_PAIRS, dispatch.KDTREE_MAX_DIM
     assert dispatch.choose("nearest", "auto", cpu(n=limit, m=1)) == "reference"
     assert dispatch.choose("nearest", "auto", cpu(n=limit + 1, m=1)) == "kdtree"
@@ -312,6 +318,11 @@ def test_auto_nearest_cuda(pretend):
 @pytest.mark.parametrize("op", ["softmin", "projection"])
 def test_auto_softmin_and_projection(pretend, op):
     pretend(*dispatch.BACKENDS)
+    # CPU float tensors: the C++ kernels from the smallest sizes on (measured crossovers in dispatch.py)
+    assert dispatch.choose(op, "auto", cpu(n=2, m=3)) == "cpu"
+    assert dispatch.choose(op, "auto", cpu(n=20000, m=20000, batch=3)) == "cpu"
+    assert dispatch.choose(op, "auto", cpu(torch.float16, n=2, m=3)) == "reference"
+    pretend(*(b for b in dispatch.BACKENDS if b != "cpu"))  # without the compiled module: the older rule
     side = int(dispatch.SOFTMIN_DENSE_MAX_ENTRIES**0.5)
     assert side**2 == dispatch.SOFTMIN_DENSE_MAX_ENTRIES  # the bound is a square: side x side entries
     assert dispatch.choose(op, "auto", cpu(n=side, m=side)) == "reference"
@@ -376,9 +387,10 @@ def test_front_ends_run_the_backend_the_table_picks(monkeypatch):
     assert len(calls) == 3
 
 
-def test_sinkhorn_auto_switches_at_the_table_threshold(monkeypatch):
+def test_sinkhorn_auto_switches_at_the_table_threshold(monkeypatch, pretend):
     if not dispatch.status("keops"):
         pytest.skip(f"backend 'keops' is not available here: {dispatch.status('keops').reason}")
+    pretend("reference", "keops")  # the rule without the C++ soft-min, which auto takes first on CPU tensors
     monkeypatch.setattr(dispatch, "SOFTMIN_DENSE_MAX_ENTRIES", 100)
     x, y = random_points(11, 3), random_points(13, 3, seed=2)
     assert dispatch.choose("softmin", "auto", dispatch.problem(x, y)) == "keops"
