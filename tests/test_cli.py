@@ -297,6 +297,16 @@ def test_digits_calls_the_image_module(tmp_path, monkeypatch, capsys):
     assert calls == [{"train": [5], "eval": [5, 7], "out_dir": out, "seed": 0, "progress": False}]
     assert cli.main(["digits", "--train", "12", "--eval", "5", "-o", str(out)]) == 2
     assert "expected a digit 0-9" in _one_error_line(capsys.readouterr().err)
+    calls.clear()
+    assert cli.main(["digits", "--train", "5", "--eval", "7", "-o", str(out), "--force", "-q",
+                     "--seconds", "300", "--independent"]) == 0
+    assert calls == [{"train": [5], "eval": [7], "out_dir": out, "seed": 0, "progress": False, "seconds": 300.0,
+                      "shared": False}]
+    for bad, message in ((["--seconds", "0"], "expected a positive finite number"),
+                         (["--seconds", "soon"], "expected a positive number"),
+                         (["--steps", "10", "--seconds", "5"], "not allowed with argument")):
+        assert cli.main(["digits", "--train", "5", "--eval", "5", "-o", str(out), "--force", *bad]) == 2
+        assert message in _one_error_line(capsys.readouterr().err)
 
 
 def test_bench_prints_ratios_against_the_reference(monkeypatch, capsys):

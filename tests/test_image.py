@@ -141,6 +141,28 @@ def test_diffusion_is_zero_for_a_translation_and_exact_for_linear_maps(shape):
                                torch.full((2,), float(m.square().sum()), dtype=torch.float64), atol=1e-12, rtol=0)
 
 
+def _icon_diffusion(phi):
+    """icon_registration's DiffusionRegularizedNet penalty, written from its documented definition:
+    mean over (batch, coordinate, cells) of squared forward differences of id - phi along each axis,
+    summed over axes, times the first spatial size squared."""
+    u = identity_map(phi.shape[2:], batch=phi.shape[0], dtype=phi.dtype) - phi
+    return sum(u.diff(dim=2 + a).square().mean() for a in range(phi.dim() - 2)) * phi.shape[2] ** 2
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (7, 7), (5, 5, 5)])
+def test_icon_diffusion_weight_gives_icons_objective(shape):
+    gen = torch.Generator().manual_seed(21)
+    dtype = torch.float64
+    phi = identity_map(shape, batch=3, dtype=dtype) + 0.02 * torch.randn(3, len(shape), *shape, generator=gen, dtype=dtype)
+    lam = losses.icon_diffusion_weight(0.05, shape)
+    # icon minimises 2·SSD + lmbda·D_icon; we minimise SSD + lam·diffusion = half of it
+    torch.testing.assert_close(lam * losses.diffusion(phi), 0.5 * 0.05 * _icon_diffusion(phi), rtol=1e-12, atol=0)
+    if shape == (28, 28):
+        assert lam == pytest.approx(0.0134, abs=1e-4)
+    with pytest.raises(ValueError, match="square"):
+        losses.icon_diffusion_weight(0.05, (28, 27))
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_jacobian_and_folds(shape):
     dim = len(shape)
@@ -297,6 +319,80 @@ def test_train_draws_distinct_pairs_within_one_group():
     assert seen_groups == {False, True}
 
 
+def _set_last_bias(net, value):
+    with torch.no_grad():
+        net.net[-1].bias.fill_(value)
+
+
+def test_shared_steps_are_one_network_and_independent_steps_are_not():
+    torch.manual_seed(0)
+    k, shape = 4, (9, 10)
+    shared = digits.build_model(shape=shape, composed_steps=k, hidden=(8,), shared=True)
+    independent = digits.build_model(shape=shape, composed_steps=k, hidden=(8,), shared=False)
+    nets_s, nets_i = fi.step_networks(shared), fi.step_networks(independent)
+    assert len(nets_s) == len(nets_i) == k
+    assert all(n is nets_s[0] for n in nets_s)  # the same module object at every step
+    assert len({id(n) for n in nets_i}) == k
+    assert len({id(p) for n in nets_s for p in n.parameters()}) == len(list(nets_s[0].parameters()))
+    one = sum(p.numel() for p in nets_s[0].parameters())
+    assert sum(p.numel() for p in shared.parameters()) == one  # parameters are counted (and trained) once
+    assert sum(p.numel() for p in independent.parameters()) == k * one
+    # Changing the first step's network changes every step. With a zero last weight and a last bias
+    # b (the same for both coordinates) each application is the translation x -> x + b: k
+    # applications of the shared network translate by k·b, the independent ones by b only.
+    b = 0.01
+    _set_last_bias(nets_s[0], b)
+    _set_last_bias(nets_i[0], b)
+    image = torch.rand(2, 1, *shape, generator=torch.Generator().manual_seed(3))
+    x = identity_map(shape, batch=2)
+    torch.testing.assert_close(shared(image, image)(x), x + k * b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(independent(image, image)(x), x + b, atol=1e-6, rtol=0)
+    maps = fi.step_transforms(shared, image, image)
+    for j, m in enumerate(maps):
+        torch.testing.assert_close(m(x), x + (j + 1) * b, atol=1e-6, rtol=0)
+    # one gradient per parameter tensor, accumulated over the k applications
+    out = fi.registration_loss(shared, image, image.flip(-1), lam=0.0)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in shared.parameters())
+
+
+def test_multistep_arguments():
+    net = fi.MLP((4, 4))
+    assert fi.multistep(net) is net and fi.multistep(net, steps=1) is net
+    assert fi.step_networks(fi.multistep(net, steps=3)) == [net, net, net]
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        fi.multistep(net, steps=0)
+    with pytest.raises(ValueError, match="steps=3 but 2 networks"):
+        fi.multistep([net, fi.MLP((4, 4))], steps=3)
+    with pytest.raises(ValueError, match="at least one"):
+        fi.multistep([])
+    with pytest.raises(TypeError, match="nn.Module"):
+        fi.multistep(["not a network"])
+
+
+def test_train_limits_and_cosine_schedule():
+    torch.manual_seed(0)
+    images = torch.rand(6, 1, 5, 5, generator=torch.Generator().manual_seed(4))
+    model = fi.MLP((5, 5), hidden=(4,))
+    history = fi.train(model, images, iterations=9, batch_size=3, lr=1e-2, schedule="cosine", log_every=2)
+    assert [h["iteration"] for h in history] == [0, 2, 4, 6, 8]
+    for h in history:
+        assert h["lr"] == pytest.approx(0.5 * 1e-2 * (1 + math.cos(math.pi * h["iteration"] / 9)), rel=1e-12)
+    assert history[0]["lr"] == 1e-2 and all(h["lr"] > 0 for h in history)
+    # a time budget alone: it stops by itself, runs at least one iteration, the rate only falls
+    history = fi.train(model, images, iterations=None, seconds=0.3, batch_size=3, schedule="cosine", log_every=1)
+    assert len(history) >= 1
+    assert all(a["lr"] >= b["lr"] for a, b in zip(history, history[1:]))
+    # with both limits the first one reached ends the run
+    assert fi.train(model, images, iterations=3, seconds=1e6, batch_size=3)[-1]["iteration"] == 2
+    with pytest.raises(ValueError, match="iterations or seconds"):
+        fi.train(model, images, iterations=None)
+    with pytest.raises(ValueError, match="seconds must be"):
+        fi.train(model, images, seconds=-1.0)
+    with pytest.raises(ValueError, match="schedule"):
+        fi.train(model, images, iterations=1, schedule="linear")
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="regulariser"):
         fi.registration_loss(fi.MLP((4, 4)), torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), regulariser="bending")
@@ -310,6 +406,14 @@ def test_bad_arguments_are_named():
         digits.run([5], [5], "unused", steps=-1)
     with pytest.raises(ValueError, match="digits"):
         digits.run([12], [5], "unused")
+    with pytest.raises(ValueError, match="seconds"):
+        digits.run([5], [5], "unused", seconds=0)
+    with pytest.raises(ValueError, match="seconds"):
+        digits.run([5], [5], "unused", seconds=float("nan"))
+    with pytest.raises(ValueError, match="composed_steps"):
+        digits.run([5], [5], "unused", composed_steps=0)
+    with pytest.raises(ValueError, match="schedule"):
+        digits.run([5], [5], "unused", schedule="step")
 
 
 # ---------------------------------------------------------------- digits
@@ -333,9 +437,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_short_training_lowers_ssd_on_held_out_fives(tmp_path, one_thread):
-    metrics = digits.run([5], [5, 7], tmp_path, seed=0, progress=False, steps=60, composed_steps=2,
-                         batch_size=32, lr=3e-3, eval_pairs_per_digit=24, figure_rows=2)
+@pytest.mark.parametrize("shared", [True, False], ids=["one-network", "independent"])
+def test_short_training_lowers_ssd_on_held_out_fives(tmp_path, one_thread, shared):
+    k = 3
+    metrics = digits.run([5], [5, 7], tmp_path, seed=0, progress=False, steps=60, composed_steps=k, shared=shared,
+                         hidden=(50, 50), batch_size=32, lr=3e-3, eval_pairs_per_digit=24, figure_rows=2)
     assert set(metrics) == {"5", "7"}
     for m in metrics.values():
         assert set(m) == {"ssd_before", "ssd_after", "folds_fraction"}
@@ -344,6 +450,36 @@ def test_short_training_lowers_ssd_on_held_out_fives(tmp_path, one_thread):
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     for d in (5, 7):
         assert (tmp_path / f"digits_{d}.png").stat().st_size > 1000
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert log["shared"] is shared and log["composed_steps"] == k and log["iterations_run"] == 60
+    assert log["distinct_step_networks"] == (1 if shared else k)
+    assert log["icon_lmbda_equivalent"] == pytest.approx(digits.ICON_LMBDA)
+    assert 0.9 < log["classifier"]["held_out_accuracy"] <= 1.0  # a useful judge of what a warped image shows
+    per_step = json.loads((tmp_path / "per_step.json").read_text())
+    for d in ("5", "7"):
+        st = per_step[d]
+        assert len(st["ssd_to_fixed"]) == k + 1
+        assert st["ssd_to_fixed"][0] == pytest.approx(metrics[d]["ssd_before"], rel=1e-5)
+        assert st["ssd_to_fixed"][-1] == pytest.approx(metrics[d]["ssd_after"], rel=1e-5)
+        assert set(st["classified_as"]) == {"5", d}
+        for fractions in st["classified_as"].values():
+            assert len(fractions) == k + 1 and all(0.0 <= f <= 1.0 for f in fractions)
+    # unwarped held-out images: the classifier mostly names their own digit
+    assert per_step["5"]["classified_as"]["5"][0] > 0.8 and per_step["7"]["classified_as"]["7"][0] > 0.8
+
+
+def test_train_classifier_is_deterministic_and_leaves_the_global_seed_alone():
+    gen = torch.Generator().manual_seed(5)
+    images, labels = torch.rand(20, 1, 6, 6, generator=gen), torch.arange(20) % 10
+    torch.manual_seed(1)
+    a = digits.train_classifier(images, labels, iterations=5, seed=3)
+    after = torch.rand(1)
+    torch.manual_seed(1)
+    b = digits.train_classifier(images, labels, iterations=5, seed=3)
+    assert torch.equal(after, torch.rand(1))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert digits.classify(a, images).shape == (20,)
 
 
 @pytest.mark.gpu
