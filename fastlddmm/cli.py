@@ -202,6 +202,8 @@ def cmd_digits(args) -> int:
         kwargs["seconds"] = args.seconds
     if args.independent:
         kwargs["shared"] = False
+    if args.threads is not None:
+        kwargs["threads"] = args.threads
     if args.device is not None:
         kwargs["device"] = args.device
     try:
@@ -389,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train for S seconds instead of a number of iterations (e.g. 300 to train longer)")
     p.add_argument("--independent", action="store_true",
                    help="one network per step instead of one network applied at every step (shared weights)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads (default: torch's, lowered to the cores the load average leaves idle)")
     p.add_argument("--device", type=_device, default=None, help="cpu, cuda ... (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--force", action="store_true", help="write into a non-empty OUTDIR")

@@ -299,12 +299,13 @@ def test_digits_calls_the_image_module(tmp_path, monkeypatch, capsys):
     assert "expected a digit 0-9" in _one_error_line(capsys.readouterr().err)
     calls.clear()
     assert cli.main(["digits", "--train", "5", "--eval", "7", "-o", str(out), "--force", "-q",
-                     "--seconds", "300", "--independent"]) == 0
+                     "--seconds", "300", "--independent", "--threads", "1"]) == 0
     assert calls == [{"train": [5], "eval": [7], "out_dir": out, "seed": 0, "progress": False, "seconds": 300.0,
-                      "shared": False}]
+                      "shared": False, "threads": 1}]
     for bad, message in ((["--seconds", "0"], "expected a positive finite number"),
                          (["--seconds", "soon"], "expected a positive number"),
-                         (["--steps", "10", "--seconds", "5"], "not allowed with argument")):
+                         (["--steps", "10", "--seconds", "5"], "not allowed with argument"),
+                         (["--threads", "0"], "expected a positive integer")):
         assert cli.main(["digits", "--train", "5", "--eval", "5", "-o", str(out), "--force", *bad]) == 2
         assert message in _one_error_line(capsys.readouterr().err)
 

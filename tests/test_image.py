@@ -414,6 +414,8 @@ def test_bad_arguments_are_named():
         digits.run([5], [5], "unused", composed_steps=0)
     with pytest.raises(ValueError, match="schedule"):
         digits.run([5], [5], "unused", schedule="step")
+    with pytest.raises(ValueError, match="threads"):
+        digits.run([5], [5], "unused", threads=0)
 
 
 # ---------------------------------------------------------------- digits
@@ -466,6 +468,13 @@ def test_short_training_lowers_ssd_on_held_out_fives(tmp_path, one_thread, share
             assert len(fractions) == k + 1 and all(0.0 <= f <= 1.0 for f in fractions)
     # unwarped held-out images: the classifier mostly names their own digit
     assert per_step["5"]["classified_as"]["5"][0] > 0.8 and per_step["7"]["classified_as"]["7"][0] > 0.8
+
+
+def test_idle_threads_never_exceeds_the_limit(monkeypatch):
+    monkeypatch.setattr(digits.os, "cpu_count", lambda: 2)
+    for load, limit, expected in ((0.1, 2, 2), (0.1, 1, 1), (0.8, 2, 1), (7.5, 2, 1), (0.0, 4, 2)):
+        monkeypatch.setattr(digits.os, "getloadavg", lambda load=load: (load, load, load))
+        assert digits.idle_threads(limit) == expected
 
 
 def test_train_classifier_is_deterministic_and_leaves_the_global_seed_alone():
