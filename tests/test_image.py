@@ -472,7 +472,7 @@ def test_short_training_lowers_ssd_on_held_out_fives(tmp_path, one_thread, share
 
 def test_idle_threads_never_exceeds_the_limit(monkeypatch):
     monkeypatch.setattr(digits.os, "cpu_count", lambda: 2)
-    for load, limit, expected in ((0.1, 2, 2), (0.1, 1, 1), (0.8, 2, 1), (7.5, 2, 1), (0.0, 4, 2)):
+    for load, limit, expected in ((0.1, 2, 2), (0.1, 1, 1), (2.7, 2, 2), (3.0, 2, 1), (7.5, 2, 1), (0.0, 4, 2)):
         monkeypatch.setattr(digits.os, "getloadavg", lambda load=load: (load, load, load))
         assert digits.idle_threads(limit) == expected
 

@@ -203,19 +203,21 @@ def figure(model, moving: Tensor, fixed: Tensor, path: pathlib.Path, *, title: s
 
 
 def idle_threads(limit: int | None = None) -> int:
-    """Intra-op threads worth using now: torch's count (or ``limit``), lowered to the cores that the
-    1-minute load average leaves idle, at least 1.
+    """Intra-op threads worth using now: torch's count (or ``limit``, at most the cores), or 1 when
+    the 1-minute load average says other processes keep every core busy (load ≥ cores + 1).
 
-    This workload is hundreds of small ops an iteration (28×28 grid_samples, 64-row matmuls): on
-    idle cores 2 threads run it ~1.8× faster than 1, but on cores other processes keep busy every
-    op waits at the thread barrier and 2 threads ran it 7× *slower* than 1 (measured, README).
+    This workload is hundreds of small ops an iteration (28×28 grid_samples, 64-row matmuls), each
+    ending at a thread barrier. Measured on 2 cores (README): 2 threads beat 1 by 1.8× when idle and
+    1.4× at load 2.7, but lose by 7× at load 7 and by 15× at load 4.6, where every barrier waits for
+    a thread the scheduler has put aside.
     """
-    limit = torch.get_num_threads() if limit is None else limit
+    cores = os.cpu_count() or 1
+    limit = min(torch.get_num_threads() if limit is None else limit, cores)
     try:
         busy = os.getloadavg()[0]
     except (AttributeError, OSError):  # pragma: no cover - no load average on this platform
         return limit
-    return max(1, min(limit, int(round((os.cpu_count() or 1) - busy))))
+    return 1 if busy >= cores + 1 else max(1, limit)
 
 
 @contextlib.contextmanager
