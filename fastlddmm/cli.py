@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--independent", action="store_true",
                    help="one network per step instead of one network applied at every step (shared weights)")
     p.add_argument("--threads", type=_positive_int, default=None,
-                   help="CPU threads (default: torch's, lowered to the cores the load average leaves idle)")
+                   help="CPU threads (default: torch's, or 1 when the load average says every core is busy)")
     p.add_argument("--device", type=_device, default=None, help="cpu, cuda ... (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--force", action="store_true", help="write into a non-empty OUTDIR")

@@ -15,7 +15,7 @@ gives each step its own network.
 from . import losses, transforms
 from .losses import (diffusion, folds_fraction, icon_diffusion_weight, inverse_consistency, jacobian_determinant, lncc,
                      ssd)
-from .multistep import TwoStep, multistep, registration_loss, step_networks, step_transforms, train
+from .steps import TwoStep, multistep, registration_loss, step_networks, step_transforms, train
 from .networks import MLP, DisplacementNet, UNet
 from .transforms import Affine, Compose, DisplacementField, Identity, Transform, identity_map, sample, warp
 

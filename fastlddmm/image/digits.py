@@ -37,8 +37,8 @@ from torch import Tensor
 from torch import nn
 
 from . import losses
-from .multistep import SCHEDULES, multistep, step_networks, step_transforms
-from .multistep import train as train_registration  # run() has a parameter named train
+from .steps import SCHEDULES, multistep, step_networks, step_transforms
+from .steps import train as train_registration  # run() has a parameter named train
 from .networks import MLP
 from .transforms import warp
 
@@ -145,11 +145,12 @@ def evaluate(model, moving: Tensor, fixed: Tensor) -> dict:
 
 
 @torch.no_grad()
-def per_step(model, moving: Tensor, fixed: Tensor, templates: dict, classifier: nn.Module | None = None,
-             classes=()) -> dict:
-    """After k applications (k = 0 .. K): mean SSD of the moving image warped by the first k to the
-    fixed image and to each template (the mean image of a digit class), and the fraction of the
-    warped images that ``classifier`` calls each digit in ``classes``: does a step turn a 7 into a 5?"""
+def per_step(model, moving: Tensor, fixed: Tensor, templates: dict, classifier: nn.Module | None = None) -> dict:
+    """After k applications (k = 0 .. K, so K + 1 entries in each list): mean SSD of the moving image
+    warped by the first k to the fixed image and to each template (the mean image of a digit class),
+    and ``classified_as``: for each of the ten digits, the fraction of the warped images that
+    ``classifier`` calls that digit (the ten fractions after k applications sum to 1). Does a step
+    turn a 7 into a 5?"""
     shape, batch = moving.shape[2:], moving.shape[0]
     warped = [moving] + [warp(moving, t.on_grid(shape, batch=batch, dtype=moving.dtype, device=moving.device))
                          for t in step_transforms(model, moving, fixed)]
@@ -158,7 +159,8 @@ def per_step(model, moving: Tensor, fixed: Tensor, templates: dict, classifier: 
                            for d, tmpl in templates.items()}}
     if classifier is not None:
         predicted = [classify(classifier, w) for w in warped]
-        out["classified_as"] = {str(c): [float((p == c).float().mean()) for p in predicted] for c in classes}
+        counts = [torch.bincount(p, minlength=10).tolist() for p in predicted]
+        out["classified_as"] = {str(c): [n[c] / batch for n in counts] for c in range(10)}
     return out
 
 
@@ -333,8 +335,7 @@ def _run(train_digits, eval_digits, out_dir, *, seed, progress, steps, seconds, 
         held_out = splits[d][1].to(device)
         moving, fixed = eval_pairs(held_out, eval_pairs_per_digit, seed=seed + 100 + d)
         metrics[str(d)] = evaluate(model, moving, fixed)
-        steps_log[str(d)] = per_step(model, moving, fixed, templates, classifier,
-                                     classes=sorted(set(train_digits) | {d}))
+        steps_log[str(d)] = per_step(model, moving, fixed, templates, classifier)
         rows = min(figure_rows, moving.shape[0])
         figure(model, moving[:rows], fixed[:rows], out_dir / f"digits_{d}.png",
                title=f"held-out {d}s, trained on {'/'.join(map(str, train_digits))}s "
@@ -350,8 +351,11 @@ def _run(train_digits, eval_digits, out_dir, *, seed, progress, steps, seconds, 
                   + " ".join(f"{v:.4f}" for v in st["ssd_to_fixed"]), flush=True)
             for t, values in st["ssd_to_mean"].items():
                 print(f"  ssd to the mean {t}: " + " ".join(f"{v:.4f}" for v in values), flush=True)
-            for c, values in st["classified_as"].items():
-                print(f"  classified as {c}: " + " ".join(f"{v:.2f}" for v in values), flush=True)
+            shown = sorted(set(train_digits) | {d})  # the other digits' fractions summed as "other"
+            for c in shown:
+                print(f"  classified as {c}: " + " ".join(f"{v:.2f}" for v in st["classified_as"][str(c)]), flush=True)
+            other = [1.0 - sum(st["classified_as"][str(c)][k] for c in shown) for k in range(len(st["ssd_to_fixed"]))]
+            print("  classified as another digit: " + " ".join(f"{v:.2f}" for v in other), flush=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "per_step.json").write_text(json.dumps(steps_log, indent=2))
     log = {"train": train_digits, "eval": eval_digits, "seed": seed, "iterations": iterations, "seconds": seconds,

@@ -1,5 +1,7 @@
 """Multistep registration: each step sees the moving image warped by the previous steps; maps compose.
 
+(The module is ``steps`` so that the builder function ``multistep`` does not shadow its module.)
+
 ``TwoStep(a, b)(A, B)``: phi = a(A, B); psi = b(A ∘ phi, B); return phi ∘ psi, so that
 ``A ∘ (phi ∘ psi) = (A ∘ phi) ∘ psi`` (b refines what a left). ``a`` and ``b`` are any modules
 with ``forward(moving, fixed) -> Transform``, TwoStep included: k steps are nested TwoSteps
