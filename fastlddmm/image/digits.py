@@ -36,6 +36,7 @@ from torch import Tensor
 
 from torch import nn
 
+from .._atomic import atomic_write, write_text
 from . import losses
 from .steps import SCHEDULES, multistep, step_networks, step_transforms
 from .steps import train as train_registration  # run() has a parameter named train
@@ -204,7 +205,8 @@ def figure(model, moving: Tensor, fixed: Tensor, path: pathlib.Path, *, title: s
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=9, pad=14)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -356,8 +358,8 @@ def _run(train_digits, eval_digits, out_dir, *, seed, progress, steps, seconds, 
                 print(f"  classified as {c}: " + " ".join(f"{v:.2f}" for v in st["classified_as"][str(c)]), flush=True)
             other = [1.0 - sum(st["classified_as"][str(c)][k] for c in shown) for k in range(len(st["ssd_to_fixed"]))]
             print("  classified as another digit: " + " ".join(f"{v:.2f}" for v in other), flush=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out_dir / "per_step.json").write_text(json.dumps(steps_log, indent=2))
+    write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_text(out_dir / "per_step.json", json.dumps(steps_log, indent=2))
     log = {"train": train_digits, "eval": eval_digits, "seed": seed, "iterations": iterations, "seconds": seconds,
            "iterations_run": history[-1]["iteration"] + 1 if history else 0,
            "composed_steps": composed_steps, "shared": shared, "hidden": list(hidden), "parameters": parameters,
@@ -369,5 +371,5 @@ def _run(train_digits, eval_digits, out_dir, *, seed, progress, steps, seconds, 
                           "trained_on": "the training split of all ten digits (this run)",
                           "held_out_accuracy": clf_accuracy},
            "history": history}
-    (out_dir / "train_log.json").write_text(json.dumps(log, indent=2))
+    write_text(out_dir / "train_log.json", json.dumps(log, indent=2))
     return metrics
