@@ -379,10 +379,11 @@ def test_python_dash_m_subprocess(tmp_path):
     env.pop("FASTLDDMM_DEBUG", None)
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "fastlddmm", "register", str(src_file), str(tgt_file), "-o", str(out),
-                          "--no-pictures", "-q", *TINY], capture_output=True, text=True, env=env, timeout=300)
+                          "--no-pictures", "-q", *TINY], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert (out / "warped.npy").is_file() and np.load(out / "trajectory.npy").shape == (4, 23, 2)
     again = subprocess.run([sys.executable, "-m", "fastlddmm", "register", str(src_file), str(tgt_file), "-o",
-                            str(out), "--steps", "-3"], capture_output=True, text=True, env=env, timeout=300)
+                            str(out), "--steps", "-3"], capture_output=True, text=True, env=env, timeout=300,
+                           cwd=tmp_path)
     assert again.returncode == 2
     assert "--steps" in _one_error_line(again.stderr)

@@ -445,11 +445,12 @@ print("AUTO", fl.ops.euler_flow(x, *p, 0.5)[0].shape == x.shape, bool(torch.isfi
     ("unset", "set TRITON_INTERPRET=1"),
     ("late", "TRITON_INTERPRET=1 was set after triton was imported"),
 ])
-def test_triton_on_cpu_tensors_without_the_interpreter_says_how(when, expected):
+def test_triton_on_cpu_tensors_without_the_interpreter_says_how(when, expected, tmp_path):
     if importlib.util.find_spec("triton") is None:
         pytest.skip("the triton package is missing: pip install 'fastlddmm[triton]'")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _TRITON_CPU_SCRIPT, when], env=env, capture_output=True, text=True,
+                          cwd=tmp_path,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()

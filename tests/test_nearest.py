@@ -421,10 +421,11 @@ print("RESULT", len(kinds), "cache" in str(kinds[0].message) if kinds else None)
 """
 
 
-def test_keops_first_use_is_announced_once():
+def test_keops_first_use_is_announced_once(tmp_path):
     if not dispatch.status("keops"):
         pytest.skip(f"backend 'keops' is not available here: {dispatch.status('keops').reason}")
     proc = subprocess.run([sys.executable, "-c", _KEOPS_WARNING_SCRIPT], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path,
                           env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RESULT 1 True" in proc.stdout.splitlines(), proc.stdout  # KeOps prints its own lines too
