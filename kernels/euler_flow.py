@@ -80,6 +80,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
+from ._common import _load_rows, _store_rows, device_guard, interpreter_reason, pow2
+
 ACTIVATIONS = ("relu", "tanh", "softplus")
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
 FAST_MAX_D = 3  # D <= 3: the per-coordinate fast path; larger D: the generic kernels
@@ -156,28 +158,6 @@ def _act_and_grad(z, ACT: tl.constexpr, FAST: tl.constexpr):
             h = tl.where(big, z, h)
             d = tl.where(big, 1.0, d)
     return h, d
-
-
-@triton.jit
-def _load_rows(ptr, rows, row_ok, D: tl.constexpr):
-    """x_0, x_1, x_2 of the rows (BLOCK_N,) of an (N, D) array; coordinates >= D are zeros (unused)."""
-    x0 = tl.load(ptr + rows * D, mask=row_ok, other=0.0)
-    x1 = tl.zeros_like(x0)
-    x2 = tl.zeros_like(x0)
-    if D > 1:
-        x1 = tl.load(ptr + rows * D + 1, mask=row_ok, other=0.0)
-    if D > 2:
-        x2 = tl.load(ptr + rows * D + 2, mask=row_ok, other=0.0)
-    return x0, x1, x2
-
-
-@triton.jit
-def _store_rows(ptr, rows, row_ok, v0, v1, v2, D: tl.constexpr):
-    tl.store(ptr + rows * D, v0, mask=row_ok)
-    if D > 1:
-        tl.store(ptr + rows * D + 1, v1, mask=row_ok)
-    if D > 2:
-        tl.store(ptr + rows * D + 2, v2, mask=row_ok)
 
 
 @triton.jit
@@ -562,17 +542,7 @@ _LIBRARY_INTERPRETED = isinstance(tl.standard.sum, InterpretedFunction)
 
 def cpu_unavailable_reason() -> str | None:
     """Why these kernels cannot take CPU tensors in this process, or None when they can (interpreter)."""
-    if _INTERPRETED and _LIBRARY_INTERPRETED:
-        return None
-    if not _INTERPRETED:
-        return (
-            "the Triton euler_flow kernels were compiled for the GPU: move the tensors to a CUDA device, or set "
-            "TRITON_INTERPRET=1 in the environment before Python starts (Triton's slow CPU interpreter)"
-        )
-    return (
-        "TRITON_INTERPRET=1 was set after triton was imported, so triton's own library functions were built "
-        "for the GPU: set TRITON_INTERPRET=1 in the environment before Python starts"
-    )
+    return interpreter_reason("euler_flow", _INTERPRETED, _LIBRARY_INTERPRETED)
 
 
 def _check_device(t: Tensor) -> None:
@@ -580,23 +550,6 @@ def _check_device(t: Tensor) -> None:
         reason = cpu_unavailable_reason()
         if reason is not None:
             raise RuntimeError(f"euler_flow (triton) got CPU tensors, but {reason}")
-
-
-def _pow2(n: int) -> int:
-    return max(2, triton.next_power_of_2(max(int(n), 1)))
-
-
-class _NoGuard:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _device(t: Tensor):
-    """The launch's device guard: Triton launches on the current CUDA device, so make it t's."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NoGuard()
 
 
 # Fast-path GPU tiles (D <= 3): (BLOCK_N, BLOCK_H, num_warps) per (pass, dtype, activation). The forward
@@ -618,19 +571,19 @@ _GPU_TILES_ACT: dict[tuple[str, torch.dtype, str], tuple[int, int, int]] = {}
 def _configs(n: int, width: int, dim: int, dtype: torch.dtype, backward: bool,
              activation: str = "relu") -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_H, BLOCK_D, num_warps) for N points, hidden width H and dimension D."""
-    block_d = _pow2(dim)
+    block_d = pow2(dim)
     if _INTERPRETED:
         # The interpreter pays ~1 ms per executed op whatever the block size: big blocks, few
         # tiles and H-chunks. (Tests force small blocks to exercise the tile and chunk loops.)
-        return min(64, _pow2(n)), min(64, _pow2(width)), block_d, 1
+        return min(64, pow2(n)), min(64, pow2(width)), block_d, 1
     if dim > FAST_MAX_D:
         # Generic path: the largest blocks that compiled without spills for sm_90 at D <= 4 with 4 warps,
         # capped on the (BLOCK_N, BLOCK_H, BLOCK_D) register block for larger D.
         wide = dtype == torch.float64
         block_n, block_h = ((16, 16) if wide else (32, 32)) if backward else ((32, 16) if wide else (64, 32))
         cap = block_n * block_h * 4
-        block_n = min(block_n, _pow2(n))
-        block_h = min(block_h, _pow2(width))
+        block_n = min(block_n, pow2(n))
+        block_h = min(block_h, pow2(width))
         while block_n * block_h * block_d > cap and block_h > 2:
             block_h //= 2
         while block_n * block_h * block_d > cap and block_n > 2:
@@ -713,7 +666,7 @@ def forward(
     num_tiles = triton.cdiv(n, bn)
     out = torch.empty_like(x)
     sq = x.new_empty((num_tiles,))
-    with _device(x):
+    with device_guard(x):
         if dim > FAST_MAX_D:
             dt_t = torch.full((1,), float(dt), dtype=x.dtype, device=x.device)  # see the module docstring
             _euler_flow_fwd_generic[(num_tiles,)](
@@ -812,7 +765,7 @@ def backward(
     bn, bh, bd, warps = _configs(n, width, dim, states.dtype, backward=True, activation=activation)
     bn, bh = block_n or bn, block_h or bh
     num_tiles = triton.cdiv(n, bn)
-    with _device(like):
+    with device_guard(like):
         if dim > FAST_MAX_D:
             return _backward_generic(grad_x_final, gs, states, weight1, bias1, weight2, bias2, dt, activation,
                                      bn, bh, bd, warps, num_tiles, num_programs)

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .softmin import FAST_MAX_D, _check_device, _device, _diffs, _load_rows, _pack, configs, cpu_unavailable_reason  # noqa: F401
+from ._common import _load_packed, _load_rows, device_guard
+from .softmin import FAST_MAX_D, _check_device, _diffs, _pack, configs, cpu_unavailable_reason  # noqa: F401
 
 
 @triton.jit(do_not_specialize=["N", "MP"])
@@ -48,13 +49,7 @@ def _nearest_kernel(
     best = tl.full([BLOCK_N], float("inf"), x0.dtype)
     best_j = tl.zeros([BLOCK_N], tl.int32)
     for start in range(0, MP, BLOCK_M):
-        y0 = tl.load(yp_ptr + offs)
-        y1 = y0
-        y2 = y0
-        if D > 1:
-            y1 = tl.load(yp_ptr + offs + 1)
-        if D > 2:
-            y2 = tl.load(yp_ptr + offs + 2)
+        y0, y1, y2 = _load_packed(yp_ptr, offs, D)
         _, _, _, d2 = _diffs(x0[None, :], x1[None, :], x2[None, :], y0[:, None], y1[:, None], y2[:, None], D)
         tile_min = tl.min(d2, axis=0)  # NaN never wins a min (unless all are NaN: then no j matches below)
         tile_j = tl.min(tl.where(d2 == tile_min[None, :], local[:, None], BLOCK_M), axis=0)
@@ -129,7 +124,7 @@ def nearest_index(
     if batch and n:
         bn, bm, bd, warps = configs("nearest", n, m, dim, x.dtype)
         bn, bm = block_n or bn, block_m or bm
-        with _device(x):
+        with device_guard(x):
             if dim > FAST_MAX_D:
                 _nearest_generic[(triton.cdiv(n, bn), batch)](
                     x, y, index, n, m, dim, BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, num_warps=warps

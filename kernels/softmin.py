@@ -78,6 +78,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
+from ._common import _load_packed, _load_rows, _store_rows, device_guard, interpreter_reason, pow2
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # GeomLoss's floor under the p = 1 square root (fastlddmm.ops.softmin.reference.P1_SQDIST_FLOOR).
@@ -89,28 +91,6 @@ FAST_MAX_D = 3
 # ------------------------------------------------------------------------------------------------
 # Device functions (fast path: D <= 3, one register tile per coordinate)
 # ------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _load_rows(ptr, rows, row_ok, D: tl.constexpr):
-    """x_0, x_1, x_2 of the rows (BLOCK,) of a (., D) array; coordinates >= D are zeros (unused)."""
-    x0 = tl.load(ptr + rows * D, mask=row_ok, other=0.0)
-    x1 = tl.zeros_like(x0)
-    x2 = tl.zeros_like(x0)
-    if D > 1:
-        x1 = tl.load(ptr + rows * D + 1, mask=row_ok, other=0.0)
-    if D > 2:
-        x2 = tl.load(ptr + rows * D + 2, mask=row_ok, other=0.0)
-    return x0, x1, x2
-
-
-@triton.jit
-def _store_rows(ptr, rows, row_ok, v0, v1, v2, D: tl.constexpr):
-    tl.store(ptr + rows * D, v0, mask=row_ok)
-    if D > 1:
-        tl.store(ptr + rows * D + 1, v1, mask=row_ok)
-    if D > 2:
-        tl.store(ptr + rows * D + 2, v2, mask=row_ok)
 
 
 @triton.jit
@@ -127,6 +107,17 @@ def _diffs(a0, a1, a2, b0, b1, b2, D: tl.constexpr):
         dd = a2 - b2
         d2 += dd * dd
     return d0, d1, dd, d2
+
+
+@triton.jit
+def _dot_rows(a0, a1, a2, b0, b1, b2, D: tl.constexpr):
+    """Σ_d a_d b_d over the D coordinates (broadcast tiles): go_i · v_j of the weighted sum's gradients."""
+    r = a0 * b0
+    if D > 1:
+        r += a1 * b1
+    if D > 2:
+        r += a2 * b2
+    return r
 
 
 @triton.jit
@@ -188,13 +179,7 @@ def _softmin_fwd_kernel(
     m = tl.full([BLOCK_N], float("-inf"), x0.dtype)
     l = tl.zeros([BLOCK_N], x0.dtype)
     for _ in range(0, MP, BLOCK_M):
-        y0 = tl.load(yp_ptr + offs)
-        y1 = y0
-        y2 = y0
-        if D > 1:
-            y1 = tl.load(yp_ptr + offs + 1)
-        if D > 2:
-            y2 = tl.load(yp_ptr + offs + 2)
+        y0, y1, y2 = _load_packed(yp_ptr, offs, D)
         hh = tl.load(yp_ptr + offs + 3)
         _, _, _, d2 = _diffs(x0[None, :], x1[None, :], x2[None, :], y0[:, None], y1[:, None], y2[:, None], D)
         s = hh[:, None] + _cost(d2, P) * k  # (BLOCK_M, BLOCK_N): one FFMA for p = 2
@@ -235,13 +220,7 @@ def _softmin_bwd_x_kernel(
     a1 = tl.zeros([BLOCK_N], x0.dtype)
     a2 = tl.zeros([BLOCK_N], x0.dtype)
     for _ in range(0, MP, BLOCK_M):
-        y0 = tl.load(yp_ptr + offs)
-        y1 = y0
-        y2 = y0
-        if D > 1:
-            y1 = tl.load(yp_ptr + offs + 1)
-        if D > 2:
-            y2 = tl.load(yp_ptr + offs + 2)
+        y0, y1, y2 = _load_packed(yp_ptr, offs, D)
         hh = tl.load(yp_ptr + offs + 3)
         d0, d1, dd, d2 = _diffs(x0[None, :], x1[None, :], x2[None, :], y0[:, None], y1[:, None], y2[:, None], D)
         c, sc = _cost_and_scale(d2, P)
@@ -287,13 +266,7 @@ def _softmin_bwd_y_kernel(
     a1 = tl.zeros([BLOCK_M], y0.dtype)
     a2 = tl.zeros([BLOCK_M], y0.dtype)
     for _ in range(0, NP, BLOCK_N):
-        x0 = tl.load(xp_ptr + offs)
-        x1 = x0
-        x2 = x0
-        if D > 1:
-            x1 = tl.load(xp_ptr + offs + 1)
-        if D > 2:
-            x2 = tl.load(xp_ptr + offs + 2)
+        x0, x1, x2 = _load_packed(xp_ptr, offs, D)
         lse2 = tl.load(xp_ptr + offs + 3)
         go = tl.load(xp_ptr + offs + 4)
         d0, d1, dd, d2 = _diffs(x0[:, None], x1[:, None], x2[:, None], y0[None, :], y1[None, :], y2[None, :], D)
@@ -338,22 +311,16 @@ def _wsum_fwd_kernel(
     a1 = tl.zeros([BLOCK_N], x0.dtype)
     a2 = tl.zeros([BLOCK_N], x0.dtype)
     for _ in range(0, MP, BLOCK_M):
-        y0 = tl.load(yv_ptr + offs)
-        v0 = tl.load(yv_ptr + offs + 4)
-        y1 = y0
-        y2 = y0
-        if D > 1:
-            y1 = tl.load(yv_ptr + offs + 1)
-        if D > 2:
-            y2 = tl.load(yv_ptr + offs + 2)
+        y0, y1, y2 = _load_packed(yv_ptr, offs, D)
+        v0, v1, v2 = _load_packed(yv_ptr + 4, offs, D)
         hh = tl.load(yv_ptr + offs + 3)
         _, _, _, d2 = _diffs(x0[None, :], x1[None, :], x2[None, :], y0[:, None], y1[:, None], y2[:, None], D)
         w = tl.exp2(hh[:, None] + _cost(d2, P) * k - lse2[None, :])
         a0 += tl.sum(w * v0[:, None], axis=0)
         if D > 1:
-            a1 += tl.sum(w * tl.load(yv_ptr + offs + 5)[:, None], axis=0)
+            a1 += tl.sum(w * v1[:, None], axis=0)
         if D > 2:
-            a2 += tl.sum(w * tl.load(yv_ptr + offs + 6)[:, None], axis=0)
+            a2 += tl.sum(w * v2[:, None], axis=0)
         yv_ptr += BLOCK_M * 8
     _store_rows(out_ptr, rows, row_ok, a0, a1, a2, D)
 
@@ -390,16 +357,9 @@ def _wsum_bwd_x_kernel(
     a1 = tl.zeros([BLOCK_N], x0.dtype)
     a2 = tl.zeros([BLOCK_N], x0.dtype)
     for _ in range(0, MP, BLOCK_M):
-        y0 = tl.load(yv_ptr + offs)
-        y1 = y0
-        y2 = y0
-        gov = g0[None, :] * tl.load(yv_ptr + offs + 4)[:, None] - ci[None, :]  # go_i · v_j - c_i
-        if D > 1:
-            y1 = tl.load(yv_ptr + offs + 1)
-            gov += g1[None, :] * tl.load(yv_ptr + offs + 5)[:, None]
-        if D > 2:
-            y2 = tl.load(yv_ptr + offs + 2)
-            gov += g2[None, :] * tl.load(yv_ptr + offs + 6)[:, None]
+        y0, y1, y2 = _load_packed(yv_ptr, offs, D)
+        v0, v1, v2 = _load_packed(yv_ptr + 4, offs, D)
+        gov = _dot_rows(g0[None, :], g1[None, :], g2[None, :], v0[:, None], v1[:, None], v2[:, None], D) - ci[None, :]
         hh = tl.load(yv_ptr + offs + 3)
         d0, d1, dd, d2 = _diffs(x0[None, :], x1[None, :], x2[None, :], y0[:, None], y1[:, None], y2[:, None], D)
         c, sc = _cost_and_scale(d2, P)
@@ -446,21 +406,10 @@ def _wsum_bwd_y_kernel(
     a1 = tl.zeros([BLOCK_M], y0.dtype)
     a2 = tl.zeros([BLOCK_M], y0.dtype)
     for _ in range(0, NP, BLOCK_N):
-        x0 = tl.load(xg_ptr + offs)
-        g0 = tl.load(xg_ptr + offs + 4)
-        x1 = x0
-        x2 = x0
-        g1 = g0
-        g2 = g0
-        gov = g0[:, None] * v0[None, :] - tl.load(xg_ptr + offs + 7)[:, None]  # go_i · v_j - c_i
-        if D > 1:
-            x1 = tl.load(xg_ptr + offs + 1)
-            g1 = tl.load(xg_ptr + offs + 5)
-            gov += g1[:, None] * v1[None, :]
-        if D > 2:
-            x2 = tl.load(xg_ptr + offs + 2)
-            g2 = tl.load(xg_ptr + offs + 6)
-            gov += g2[:, None] * v2[None, :]
+        x0, x1, x2 = _load_packed(xg_ptr, offs, D)
+        g0, g1, g2 = _load_packed(xg_ptr + 4, offs, D)
+        gov = _dot_rows(g0[:, None], g1[:, None], g2[:, None], v0[None, :], v1[None, :], v2[None, :], D) - tl.load(
+            xg_ptr + offs + 7)[:, None]
         lse2 = tl.load(xg_ptr + offs + 3)
         _, _, _, d2 = _diffs(x0[:, None], x1[:, None], x2[:, None], y0[None, :], y1[None, :], y2[None, :], D)
         w = tl.exp2(hh[None, :] + _cost(d2, P) * k - lse2[:, None])  # P_ij, (BLOCK_N, BLOCK_M)
@@ -810,17 +759,7 @@ _LIBRARY_INTERPRETED = isinstance(tl.standard.sum, InterpretedFunction)
 
 def cpu_unavailable_reason() -> str | None:
     """Why these kernels cannot take CPU tensors in this process, or None when they can (interpreter)."""
-    if _INTERPRETED and _LIBRARY_INTERPRETED:
-        return None
-    if not _INTERPRETED:
-        return (
-            "the Triton soft-min kernels were compiled for the GPU: move the tensors to a CUDA device, or set "
-            "TRITON_INTERPRET=1 in the environment before Python starts (Triton's slow CPU interpreter)"
-        )
-    return (
-        "TRITON_INTERPRET=1 was set after triton was imported, so triton's own library functions were built "
-        "for the GPU: set TRITON_INTERPRET=1 in the environment before Python starts"
-    )
+    return interpreter_reason("soft-min", _INTERPRETED, _LIBRARY_INTERPRETED)
 
 
 def _check_device(t: Tensor, op: str) -> None:
@@ -829,25 +768,6 @@ def _check_device(t: Tensor, op: str) -> None:
         if reason is not None:
             raise RuntimeError(f"{op} (triton) got CPU tensors, but {reason}")
 
-
-def _pow2(n: int) -> int:
-    return max(2, triton.next_power_of_2(max(int(n), 1)))
-
-
-def _device(t: Tensor):
-    """The launch's device guard: Triton launches on the current CUDA device, so make it t's."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NO_GUARD
-
-
-class _NoGuard:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NO_GUARD = _NoGuard()
 
 # Fast-path GPU tiles (BLOCK_N, BLOCK_M, num_warps) per kernel and dtype (D <= 3). The kernel axis that
 # spreads over the threads (x rows for "fwd", "bwd_x", "wsum_*x", "nearest"; y columns for the "*_y"
@@ -882,14 +802,14 @@ _GENERIC_TILES = {torch.float32: (32, 32), torch.float64: (16, 16)}
 def configs(kernel: str, n: int, m: int, dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps) for ``kernel`` (a key of _GPU_TILES: "fwd", "nearest", ...) over
     n points of x and m points of y in dimension dim. BLOCK_D is only used by the generic path (dim > 3)."""
-    block_d = _pow2(dim)
+    block_d = pow2(dim)
     if _INTERPRETED:
         # ~1 ms per executed op whatever the block size: big blocks, few tiles.
-        return min(64, _pow2(n)), min(64, _pow2(m)), block_d, 1
+        return min(64, pow2(n)), min(64, pow2(m)), block_d, 1
     if dim > FAST_MAX_D:
         block_n, block_m = _GENERIC_TILES[dtype]
         cap = block_n * block_m * 4
-        block_n, block_m = min(block_n, _pow2(n)), min(block_m, _pow2(m))
+        block_n, block_m = min(block_n, pow2(n)), min(block_m, pow2(m))
         while block_n * block_m * block_d > cap and block_m > 2:
             block_m //= 2
         while block_n * block_m * block_d > cap and block_n > 2:
@@ -975,7 +895,7 @@ def forward(
         return lse.fill_(float("-inf"))
     bn, bm, bd, warps = configs("fwd", n, m, dim, x.dtype)
     bn, bm = block_n or bn, block_m or bm
-    with _device(x):
+    with device_guard(x):
         if dim > FAST_MAX_D:
             inv_eps = torch.full((1,), 1.0 / eps, dtype=x.dtype, device=x.device)
             _softmin_fwd_generic[(triton.cdiv(n, bn), batch)](
@@ -1010,7 +930,7 @@ def backward_x(
         return gx
     bn, bm, bd, warps = configs("bwd_x", n, m, dim, x.dtype)
     bn, bm = block_n or bn, block_m or bm
-    with _device(x):
+    with device_guard(x):
         if dim > FAST_MAX_D:
             inv_eps = torch.full((1,), 1.0 / eps, dtype=x.dtype, device=x.device)
             _softmin_bwd_x_generic[(triton.cdiv(n, bn), batch)](
@@ -1047,7 +967,7 @@ def backward_y(
         return gy, gh
     bn, bm, bd, warps = configs("bwd_y", n, m, dim, x.dtype)  # program axis: columns
     bn, bm = block_n or bn, block_m or bm
-    with _device(x):
+    with device_guard(x):
         if dim > FAST_MAX_D:
             inv_eps = torch.full((1,), 1.0 / eps, dtype=x.dtype, device=x.device)
             _softmin_bwd_y_generic[(triton.cdiv(m, bm), batch)](
@@ -1094,7 +1014,7 @@ def weighted_sum(
     if batch == 0 or n == 0 or y.shape[1] == 0:
         return out
     bn, bm, bd, warps = _wsum_setup("wsum_fwd", x, y, h, v, lse, eps, p, block_n, block_m)
-    with _device(x):
+    with device_guard(x):
         if dim > FAST_MAX_D:
             inv_eps = torch.full((1,), 1.0 / eps, dtype=x.dtype, device=x.device)
             _wsum_fwd_generic[(triton.cdiv(n, bn), batch)](
@@ -1135,7 +1055,7 @@ def weighted_sum_backward(
     if batch == 0 or n == 0 or m == 0:
         return gx, gv, gh
     consts = _consts(eps, p, x) if dim <= FAST_MAX_D else torch.full((1,), 1.0 / eps, dtype=x.dtype, device=x.device)
-    with _device(x):
+    with device_guard(x):
         if need_x:
             bn, bm, bd, warps = _wsum_setup("wsum_bwd_x", x, y, h, v, lse, eps, p, block_n, block_m)
             if dim > FAST_MAX_D:
