@@ -14,8 +14,11 @@ in D = 2 and 3, hidden width H = 500 (the paper's), float32 and float64, each ac
 
 Per compiled kernel (one JSON row):
   regs          registers per thread (cuobjdump --dump-resource-usage REG)
-  spill_bytes   STACK + LOCAL bytes per thread: Triton kernels have no local arrays, so any local memory
-                is register spill (the SASS's STL/LDL agree)
+  spill_bytes   register spill bytes per thread as ptxas -v reports them (max of spill stores and loads;
+                the workers compile with an empty triton cache so that ptxas always runs). ptxas
+                sometimes outlines code into subroutines (CALL.REL.NOINC) and saves registers around
+                them in a small stack frame: that is not a spill for ptxas; the Markdown lists it
+                ("stack B")
   shared_bytes  the shared memory the launch asks for (triton's metadata)
   inner_loop    the innermost loops of the SASS: a loop is a backward branch (BRA to a lower address),
                 innermost = contains no other loop. For these kernels every innermost loop is one trip of a
@@ -29,6 +32,9 @@ Per compiled kernel (one JSON row):
                                          instructions one unit of work costs (a warp instruction counts 32)
                   shuffles, barriers     SHFL and BAR instructions in those bodies (per trip, not per unit)
                   mufu_per_unit          MUFU (exp2, lg2, rcp, rsqrt, ...) thread instructions per unit
+The Markdown adds, for the flow, "+ per layer": the instructions of the loop around the hidden loops (one
+(tile, layer): the reductions over H after them, loading the states, the bias sums) outside them, per unit
+at H = 500 (x 500/128 at H = 128): the part of the work that the innermost-loop figure leaves out.
 
 The Markdown adds, per float32 row at sm_90, the expected H100 time of the kernel's loops on a reference
 workload from these counts and peak rates (model below), against eager PyTorch and against FlashSinkhorn's
@@ -43,6 +49,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
+import io
 import json
 import os
 import re
@@ -190,7 +198,7 @@ SWEEP = {
     "flow_fwd": [(bn, bh, w) for w in (1, 2, 4) for bh in (8, 16) for bn in (32 * w, 64 * w, 128 * w)],
     "flow_bwd": [(bn, 32 * w, w) for w in (1, 2, 4) for bn in (4, 8, 16)]
     + [(bn, 8, 1) for bn in (16, 32, 64, 128)] + [(bn, 16, 1) for bn in (16, 32, 64)] + [(64, 8, 2), (128, 8, 4)],
-    "stream": [(32 * w * r, bm, w) for w in (2, 4) for r in (2, 4, 8) for bm in (16, 32)],
+    "stream": [(32 * w * r, bm, w) for w in (2, 4) for r in (1, 2, 4, 8) for bm in (4, 8, 16, 32)],
 }
 
 
@@ -201,32 +209,32 @@ def sweep_jobs(which: str) -> list[Job]:
 
 
 def _sweep_jobs(which: str) -> list[Job]:
-    """Candidate tiles for one kernel (a key of kernels.softmin._GPU_TILES, or "flow_fwd" / "flow_bwd"), D = 3,
-    float32 and float64, every activation or p."""
+    """Candidate tiles for one kernel (a key of kernels.softmin._GPU_TILES, or "flow_fwd" / "flow_bwd"), D = 2
+    and 3, float32 and float64, every activation or p. KERNEL_REPORT_ONLY="dtype=float32,ACT=0,..." keeps the
+    jobs whose constexprs (or Job fields) have these values."""
     import torch  # noqa: F401
 
     out = []
     for dname in ("float32", "float64"):
         if which.startswith("flow"):
             backward = which == "flow_bwd"
-            for act in (0, 1, 2):
-                for bn, bh, w in SWEEP[which]:
-                    c = dict(D=3, ACT=act, BLOCK_N=bn, BLOCK_H=bh, FAST=True)
-                    if not backward:
-                        c["STORE_STATES"] = True
-                    out.append(Job("fastlddmm.kernels.euler_flow",
-                                   "_euler_flow_bwd_kernel" if backward else "_euler_flow_fwd_kernel",
-                                   "flow_backward" if backward else "flow_forward", dname, c, w, bn * bh,
-                                   "point x hidden unit", dict(L=10, HP=-(-WIDTH // bh) * bh), which))
+            for act, dim, (bn, bh, w) in [(a, d, t) for a in (0, 1, 2) for d in (2, 3) for t in SWEEP[which]]:
+                c = dict(D=dim, ACT=act, BLOCK_N=bn, BLOCK_H=bh, FAST=True)
+                if not backward:
+                    c["STORE_STATES"] = True
+                out.append(Job("fastlddmm.kernels.euler_flow",
+                               "_euler_flow_bwd_kernel" if backward else "_euler_flow_fwd_kernel",
+                               "flow_backward" if backward else "flow_forward", dname, c, w, bn * bh,
+                               "point x hidden unit", dict(L=10, HP=-(-WIDTH // bh) * bh), which))
             continue
         table = {k: (fn, kind) for k, fn, kind, _, _ in _SOFTMIN_KERNELS}
         table["nearest"] = ("_nearest_kernel", "nearest")
         fn, kind = table[which]
         module = "fastlddmm.kernels.nearest" if which == "nearest" else "fastlddmm.kernels.softmin"
-        for p in ((2,) if which == "nearest" else (2, 1)):
+        for p, dim in [(p, d) for p in ((2,) if which == "nearest" else (2, 1)) for d in (2, 3)]:
             for threads_axis, inner, w in SWEEP["stream"]:
                 bn, bm = (inner, threads_axis) if which.endswith("_y") else (threads_axis, inner)
-                c = dict(D=3, BLOCK_N=bn, BLOCK_M=bm)
+                c = dict(D=dim, BLOCK_N=bn, BLOCK_M=bm)
                 if which != "nearest":
                     c["P"] = p
                 out.append(Job(module, fn, kind, dname, c, w, bn * bm, "pair", {}, which))
@@ -281,7 +289,19 @@ def compile_job(job: Job, arch: int):
             if value is not None and value % 16 == 0 and name not in dns and i not in dns:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, signature, job.constexprs, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": job.num_warps})
+    # ptxas's own report (-v, which triton passes) is printed when TRITON_DUMP_PTXAS_LOG=1; the workers run
+    # with an empty cache so that ptxas always runs.
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": job.num_warps})
+    return kernel, log.getvalue()
+
+
+def ptxas_spills(log: str) -> tuple[int, int] | None:
+    """(spill store bytes, stack frame bytes) from ptxas -v, or None when ptxas did not run (cache hit)."""
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return None if m is None else (max(int(m[2]), int(m[3])), int(m[1]))
 
 
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -349,11 +369,12 @@ def enclosing_overhead(ins: list[tuple[int, str]]) -> int:
     return (e - s + 1) - sum(b - a + 1 for a, b in inner if s <= a and b <= e)
 
 
-def analyse(job: Job, kernel) -> dict:
+def analyse(job: Job, kernel, log: str = "") -> dict:
     """The report row of one compiled job (module docstring)."""
     import triton
 
     sass, res = sass_and_resources(kernel.asm["cubin"])
+    ptxas = ptxas_spills(log)
     ins = instructions(sass)
     bodies = innermost_loops(ins)
     threads = 32 * job.num_warps
@@ -373,7 +394,8 @@ def analyse(job: Job, kernel) -> dict:
         "dtype": job.dtype,
         "config": job.config_text(),
         "regs": res["regs"],
-        "spill_bytes": res["stack"] + res["local"],
+        # ptxas's spill bytes; without its log (a cached compile), all local memory counts as spill
+        "spill_bytes": ptxas[0] if ptxas is not None else res["stack"] + res["local"],
         "shared_bytes": int(getattr(kernel.metadata, "shared", 0)) + res["shared_static"],
         "inner_loop": {
             "unit": job.unit,
@@ -389,14 +411,15 @@ def analyse(job: Job, kernel) -> dict:
                                                                         * job.ints["HP"]), 2)
                             if "HP" in job.ints else None),
         "_fp64_per_unit": round(fp64 * scale, 2),
-        "_spill_instructions": spills,
+        "_local_instructions": spills,  # STL / LDL: spills, or registers saved around ptxas-outlined CALLs
+        "_stack_bytes": res["stack"] + res["local"],
         "_mix": dict(sorted(mix.items(), key=lambda kv: -kv[1])[:12]),
     }
 
 
 def run_job(job: Job, arch: int) -> dict:
     try:
-        row = analyse(job, compile_job(job, arch))
+        row = analyse(job, *compile_job(job, arch))
     except Exception as err:  # noqa: BLE001 - a compile error is a result of the report
         import triton
 
@@ -419,11 +442,12 @@ def _triton_version(path: str | None) -> str | None:
 
 
 def _worker_env(path: str | None) -> dict:
+    """The environment of a worker: no TRITON_INTERPRET (compiled kernels), and the side triton first on the
+    path when given. fastlddmm itself comes from the installed (editable) package."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    pp = [str(ROOT)] + ([path] if path else []) + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env["TRITON_DUMP_PTXAS_LOG"] = "1"
     if path:
-        pp = [path] + [p for p in pp if p != path]  # the side triton before the installed one
-    env["PYTHONPATH"] = os.pathsep.join(pp)
+        env["PYTHONPATH"] = os.pathsep.join([path] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     return env
 
@@ -445,7 +469,9 @@ def collect(archs: list[int], tritons: list[str | None], workers: int, kinds: li
             n = len(per_arch[(path, a)])
             code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import kernel_report as r; "
                     f"r._worker_shard({[a]!r}, {out!r}, {kinds!r}, {w}, {n}, {sweep!r})")
-            proc = subprocess.run([sys.executable, "-c", code], env=_worker_env(path), capture_output=True, text=True)
+            env = _worker_env(path)
+            env["TRITON_CACHE_DIR"] = out + ".cache"  # empty: ptxas runs, and reports its spills
+            proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"kernel_report worker failed (triton at {path or 'installed'}):\n{proc.stderr[-4000:]}")
             return json.loads(Path(out).read_text())
@@ -539,6 +565,10 @@ def model_lines(rows: list[dict], triton_version: str) -> list[str]:
             continue
         clk = clocks_per_unit(r)
         loop = r["inner_loop"]
+        if r.get("_outer_per_unit"):  # the per-layer work around the hidden loops, scaled from H = 500 to 128
+            block_h = int(re.search(r"BLOCK_H=(\d+)", r["config"])[1])
+            hp = lambda h: -(-h // block_h) * block_h  # noqa: E731
+            clk += r["_outer_per_unit"] * hp(WIDTH) / hp(128) / ISSUE_PER_CLK
         bound = "MUFU" if loop["mufu_per_unit"] / MUFU_PER_CLK >= loop["instructions_per_unit"] / ISSUE_PER_CLK else "issue"
         units = _FLOW_UNITS if r["kind"].startswith("flow") else _PAIRS
         work = "N=10^6, H=128, L=10" if r["kind"].startswith("flow") else "N=M=10^6"
@@ -553,21 +583,47 @@ def _fmt_s(s: float) -> str:
     return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
 
 
-def markdown(rows: list[dict], notes: list[str]) -> str:
+def _variant(r: dict) -> str:
+    m = re.search(r"\b(ACT|P)=(\w+)", r["config"])
+    return m[0] if m else ""
+
+
+def before_after_lines(rows: list[dict], before: list[dict]) -> list[str]:
+    """One line per kernel variant (D = 3, float32): the rows of an earlier report (``--before``) beside these."""
+    old = {(b["kernel"], b["dtype"], _variant(b), b["arch"], b["triton"]): b for b in before if "error" not in b}
+    lines = ["| kernel | variant | sm | triton | regs | spill B | instr/unit | SHFL | BAR | → regs | spill B | instr/unit | "
+             "+ per layer | SHFL | BAR |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "error" in r or r["dtype"] != "float32" or "D=3" not in r["config"]:
+            continue
+        b = old.get((r["kernel"], r["dtype"], _variant(r), r["arch"], r["triton"]))
+        if b is None:
+            continue
+        bl, lp = b["inner_loop"], r["inner_loop"]
+        outer = "" if r.get("_outer_per_unit") is None else r["_outer_per_unit"]
+        lines.append(f"| {r['kernel']} | {_variant(r)} | {r['arch']} | {r['triton']} | {b['regs']} | {b['spill_bytes']} | "
+                     f"{bl['instructions_per_unit']} | {bl['shuffles']} | {bl['barriers']} | {r['regs']} | {r['spill_bytes']} | "
+                     f"{lp['instructions_per_unit']} | {outer} | {lp['shuffles']} | {lp['barriers']} |")
+    return lines
+
+
+def markdown(rows: list[dict], notes: list[str], before: list[dict] | None = None) -> str:
     out = ["# Triton kernels: static report (compiled, not timed)", "",
            "Written by `python benchmarks/kernel_report.py`; see its docstring for what each column means. "
            "These are static figures read from the SASS (no GPU), not timings.", ""]
     out += [f"- {n}" for n in notes] + [""]
-    out += ["| kernel | kind | dtype | config | sm | triton | regs | spill B | shared B | instr/unit | SHFL | BAR | "
-            "MUFU/unit |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out += ["| kernel | kind | dtype | config | sm | triton | regs | spill B | stack B | shared B | instr/unit | "
+            "+ per layer | SHFL | BAR | MUFU/unit |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['kernel']} | {r['kind']} | {r['dtype']} | {r['config']} | {r['arch']} | {r['triton']} | "
-                       f"compile error: {r['error'][:80]} | | | | | | |")
+                       f"compile error: {r['error'][:80]} | | | | | | | | |")
             continue
         lp = r["inner_loop"]
         out.append(f"| {r['kernel']} | {r['kind']} | {r['dtype']} | {r['config']} | {r['arch']} | {r['triton']} | "
-                   f"{r['regs']} | {r['spill_bytes']} | {r['shared_bytes']} | {lp['instructions_per_unit']} | "
+                   f"{r['regs']} | {r['spill_bytes']} | {r.get('_stack_bytes', '')} | {r['shared_bytes']} | "
+                   f"{lp['instructions_per_unit']} | {'' if r.get('_outer_per_unit') is None else r['_outer_per_unit']} | "
                    f"{lp['shuffles']} | {lp['barriers']} | {lp['mufu_per_unit']} |")
     versions = sorted({r["triton"] for r in rows})
     out += ["", "## Targets (issue 19: float32, sm_80 and sm_90, both tritons)", ""]
@@ -585,6 +641,10 @@ def markdown(rows: list[dict], notes: list[str]) -> str:
     out.append(f"- spills: {len(spills)} of {len(rows)} compiled kernels")
     out.append(f"- not met: {len(fails)}" + ("" if not fails else ":"))
     out += [f"  - {f}" for f in fails]
+    if before:
+        out += ["", "## Before → after (float32, D = 3; before: the kernels of commit 0ceec05 at their launchers' tiles, "
+                "from --before)", ""]
+        out += before_after_lines(rows, before)
     for v in versions:
         out += ["", f"## Expected H100 time from these counts (model in the script's docstring; triton {v}, sm_90, "
                 "float32, D = 3)", ""]
@@ -649,6 +709,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--install-triton36", action="store_true", help="pip install triton 3.6 into --triton36 if missing")
     ap.add_argument("--kinds", default=None, help=f"comma-separated subset of {KINDS}")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
+    ap.add_argument("--before", default=str(RESULTS / "kernel_report_before.json"),
+                    help="rows of an earlier report ({'rows': [...]}) to set beside these in the Markdown "
+                         "(default %(default)s, if it exists)")
     ap.add_argument("--sweep", help="compile the candidate tiles of one kernel (flow_fwd, flow_bwd, fwd, bwd_x, bwd_y, "
                     "wsum_fwd, wsum_bwd_x, wsum_bwd_y, nearest) and print them; writes nothing")
     args = ap.parse_args(argv)
@@ -666,7 +729,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({"rows": rows_for_json(rows)}, indent=1) + "\n")
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(markdown(rows, notes))
+        before = json.loads(Path(args.before).read_text())["rows"] if args.before and Path(args.before).exists() else None
+        Path(args.markdown).write_text(markdown(rows, notes, before))
     for n in notes:
         print(n)
     fails = target_failures(rows)

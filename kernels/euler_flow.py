@@ -547,20 +547,29 @@ def _check_device(t: Tensor) -> None:
             raise RuntimeError(f"euler_flow (triton) got CPU tensors, but {reason}")
 
 
-# Fast-path GPU tiles (D <= 3): (BLOCK_N, BLOCK_H, num_warps) per (pass, dtype, activation). The forward
-# tile has BLOCK_H = 8 (8 lanes along H, 4 lanes × warps along the points: the one reduction over H, after
-# the loop, is 3 shuffle rounds); the backward has BLOCK_H = 32 · num_warps (every thread one hidden unit,
-# all BLOCK_N points in its registers: the sums over points are in-thread). Chosen with
-# `python benchmarks/kernel_report.py --sweep`: the fewest SASS instructions per (point, hidden unit) that
-# compile without spills for sm_80 and sm_90 with triton 3.6 and 3.9; not timed (no GPU on the build
-# machine).
+# Fast-path GPU tiles (D <= 3): (BLOCK_N, BLOCK_H, num_warps) per (pass, dtype[, activation]). Both passes use
+# BLOCK_H = 8: Triton's default layout then puts 8 lanes along the hidden units and 4 lanes (× warps) along the
+# points, every thread holding BLOCK_N / (4 · warps) points. The forward's one reduction over H (after the
+# hidden loop) is 3 shuffle rounds; the backward's sums over points (inside it) are in-thread FMAs and 2
+# shuffle rounds, with one warp so that they never cross warps (no barrier). BLOCK_H = 32 · warps (every
+# thread one hidden unit, no shuffle at all in the loop) was weighed for the backward: its per-layer
+# reductions over H cross all the lanes and warps, ~33 instructions per (point, hidden unit) more at H = 500.
+# Chosen with `python benchmarks/kernel_report.py --sweep flow_fwd|flow_bwd` (D = 3, sm_90, triton 3.6 and
+# 3.9): the fewest SASS instructions per unit (innermost loops + the per-layer work around them) without
+# spills, fewer registers when the difference is under ~10%; then checked without spills on sm_80 and
+# sm_90 with both tritons by the full report. Not timed: no GPU on the build machine.
 _GPU_TILES = {
-    ("fwd", torch.float32): (128, 8, 2),
-    ("bwd", torch.float32): (8, 128, 4),
-    ("fwd", torch.float64): (64, 8, 2),
-    ("bwd", torch.float64): (4, 128, 4),
+    ("fwd", torch.float32): (128, 8, 2),  # 16 points per thread, ~146 registers
+    ("bwd", torch.float32): (64, 8, 1),  # 16 points per thread, ~220-240 registers
+    ("fwd", torch.float64): (32, 8, 1),  # 8 points per thread
+    ("bwd", torch.float64): (32, 8, 1),  # 8 points per thread
 }
-_GPU_TILES_ACT: dict[tuple[str, torch.dtype, str], tuple[int, int, int]] = {}
+# Where one activation needs another tile: the report found spills (4-16 B, D = 2 on sm_80) with the default
+# tiles for tanh (float32) and softplus (float64, libdevice's log1p/exp take more registers).
+_GPU_TILES_ACT: dict[tuple[str, torch.dtype, str], tuple[int, int, int]] = {
+    ("bwd", torch.float32, "tanh"): (32, 8, 1),
+    ("bwd", torch.float64, "softplus"): (16, 8, 1),
+}
 
 
 def _configs(n: int, width: int, dim: int, dtype: torch.dtype, backward: bool,
@@ -572,10 +581,11 @@ def _configs(n: int, width: int, dim: int, dtype: torch.dtype, backward: bool,
         # tiles and H-chunks. (Tests force small blocks to exercise the tile and chunk loops.)
         return min(64, pow2(n)), min(64, pow2(width)), block_d, 1
     if dim > FAST_MAX_D:
-        # Generic path: the largest blocks that compiled without spills for sm_90 at D <= 4 with 4 warps,
+        # Generic path: blocks that compile without spills for sm_80 and sm_90 at D = 4 with both tritons (the
+        # kernel report; the backward spills a few bytes at 16 x 16 and 4 warps, and at 8 x 8 with 1 warp),
         # capped on the (BLOCK_N, BLOCK_H, BLOCK_D) register block for larger D.
         wide = dtype == torch.float64
-        block_n, block_h = ((16, 16) if wide else (32, 32)) if backward else ((32, 16) if wide else (64, 32))
+        block_n, block_h = (16, 8) if backward else ((32, 16) if wide else (64, 32))
         cap = block_n * block_h * 4
         block_n = min(block_n, pow2(n))
         block_h = min(block_h, pow2(width))
@@ -583,13 +593,12 @@ def _configs(n: int, width: int, dim: int, dtype: torch.dtype, backward: bool,
             block_h //= 2
         while block_n * block_h * block_d > cap and block_n > 2:
             block_n //= 2
-        return block_n, block_h, block_d, 4
+        return block_n, block_h, block_d, 2 if backward else 4
     key = ("bwd" if backward else "fwd", dtype)
     block_n, block_h, warps = _GPU_TILES_ACT.get((*key, activation), _GPU_TILES[key])
-    if not backward:
-        while block_n > 32 and block_n // 2 >= n:  # small clouds: fewer idle rows
-            block_n //= 2
-        warps = max(1, min(warps, block_n // 16))
+    while block_n > 4 * warps and block_n // 2 >= n:  # small clouds: fewer idle rows
+        block_n //= 2
+    warps = max(1, min(warps, block_n // 4))
     return block_n, block_h, block_d, warps
 
 

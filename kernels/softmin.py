@@ -771,24 +771,27 @@ def _check_device(t: Tensor, op: str) -> None:
 
 # Fast-path GPU tiles (BLOCK_N, BLOCK_M, num_warps) per kernel and dtype (D <= 3). The kernel axis that
 # spreads over the threads (x rows for "fwd", "bwd_x", "wsum_*x", "nearest"; y columns for the "*_y"
-# kernels) must be >= 32 · num_warps, the other one lies in each thread's registers. Chosen by
-# benchmarks/kernel_report.py's sweep (--sweep): the fewest SASS instructions per pair that compile
-# without spills for sm_80 and sm_90 with triton 3.6 and 3.9, registers <= 128 (4+ warps per scheduler)
-# where that costs under 5%. Not timed: no GPU on the build machine.
+# kernels) must be >= 32 · num_warps, the other one lies in each thread's registers. Chosen with
+# `python benchmarks/kernel_report.py --sweep KERNEL` (D = 3, float32, sm_90, triton 3.6 and 3.9): 4 x rows
+# per thread and 16 y points is within ~5% of the fewest SASS instructions per pair at about half the
+# registers (8 rows: ~250 registers); then every tile here compiles without spills for sm_80 and sm_90
+# with both tritons in the full report. Not timed: no GPU on the build machine.
 _GPU_TILES = {
     ("fwd", torch.float32): (256, 16, 2),
     ("bwd_x", torch.float32): (256, 16, 2),
     ("bwd_y", torch.float32): (16, 256, 2),
     ("wsum_fwd", torch.float32): (256, 16, 2),
-    ("wsum_bwd_x", torch.float32): (256, 16, 2),
+    ("wsum_bwd_x", torch.float32): (128, 16, 2),  # (256, 16) spills 96 B at p = 1 on sm_80 (triton 3.9)
     ("wsum_bwd_y", torch.float32): (16, 256, 2),
     ("nearest", torch.float32): (256, 16, 2),
+    # float64: fewer pairs per thread (twice the registers per value); the backward kernels spill with the
+    # float32 tiles (p = 1 most: its rsqrt and floor keep more values alive).
     ("fwd", torch.float64): (128, 16, 2),
-    ("bwd_x", torch.float64): (128, 16, 2),
-    ("bwd_y", torch.float64): (16, 128, 2),
-    ("wsum_fwd", torch.float64): (128, 16, 2),
-    ("wsum_bwd_x", torch.float64): (128, 16, 2),
-    ("wsum_bwd_y", torch.float64): (16, 128, 2),
+    ("bwd_x", torch.float64): (128, 8, 2),
+    ("bwd_y", torch.float64): (4, 128, 2),
+    ("wsum_fwd", torch.float64): (128, 8, 2),
+    ("wsum_bwd_x", torch.float64): (128, 4, 2),
+    ("wsum_bwd_y", torch.float64): (8, 128, 2),
     ("nearest", torch.float64): (128, 16, 2),
 }
 # Which tile axis spreads over the threads: "n" (x rows) or "m" (y columns).
