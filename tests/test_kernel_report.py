@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ pytest.importorskip("triton", reason="the triton package is missing: pip install
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("kernel_report", ROOT / "benchmarks" / "kernel_report.py")
 kr = importlib.util.module_from_spec(_spec)
+sys.modules["kernel_report"] = kr  # its dataclasses look their module up there
 _spec.loader.exec_module(kr)
 
 CLEAN_LOOPS = ("flow_forward", "softmin_forward", "nearest")
