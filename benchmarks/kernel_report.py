@@ -437,7 +437,7 @@ def run_job(job: Job, arch: int) -> dict:
 def _triton_version(path: str | None) -> str | None:
     env = _worker_env(path)
     proc = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"], env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=tempfile.gettempdir())
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
@@ -471,7 +471,9 @@ def collect(archs: list[int], tritons: list[str | None], workers: int, kinds: li
                     f"r._worker_shard({[a]!r}, {out!r}, {kinds!r}, {w}, {n}, {sweep!r})")
             env = _worker_env(path)
             env["TRITON_CACHE_DIR"] = out + ".cache"  # empty: ptxas runs, and reports its spills
-            proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+            # cwd: a scratch folder, so that `-c`'s sys.path[0] (the working directory) cannot put a checkout's
+            # fastlddmm/ (which has no kernels/ inside) in front of the installed package.
+            proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp)
             if proc.returncode != 0:
                 raise RuntimeError(f"kernel_report worker failed (triton at {path or 'installed'}):\n{proc.stderr[-4000:]}")
             return json.loads(Path(out).read_text())

@@ -8,9 +8,12 @@ or a barrier in the innermost loop of the flow forward, the soft-min forward or 
 counts and instruction counts are not pinned: they move with the ptxas that each triton wheel bundles
 (the report, benchmarks/results/kernel_report.md, records them).
 
-Cost: ~160 compilations in os.cpu_count() worker processes (TRITON_INTERPRET unset there): about 6
-minutes on the 2-core CI machine with a cold triton cache (~4 s of CPU per compilation), seconds with a
-warm one.
+Cost: the full job list, 86 kernels x 2 archs = 172 compilations, in os.cpu_count() worker processes
+(TRITON_INTERPRET unset there, each with an empty triton cache so that ptxas always runs and reports its
+spills). Measured on the 2-core machine (triton 3.9): 185 s of CPU (workers included), 4 min 41 s wall at
+load average 6 (other engineers' jobs), so about 1.5 min on two free cores; it does not depend on a warm
+cache. What the full report (benchmarks/kernel_report.py) adds: the same jobs with triton 3.6 (the GPU
+machines' version) and the tile sweeps (--sweep) that chose the launchers' tiles.
 """
 
 from __future__ import annotations
