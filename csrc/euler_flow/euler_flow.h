@@ -1,8 +1,8 @@
 // The fused ResNet-LDDMM Euler flow: L residual blocks x^{l+1} = x^l + dt * v_l(x^l),
-// v_l(x) = W2_l rho(W1_l x + b1_l) + b2_l, and the kinetic energy
-// the kinetic sum S = sum_l sum_i |v_l(x_i^l)|^2. The op (fastlddmm/ops/euler_flow) turns S into the
-// energy 1/2 * dt * S / N, once for every backend; the kernels never scale it.
-// The ground truth is fastlddmm/reference/flow.py; the Python launchers are fastlddmm/ops/_euler_flow_*.py.
+// v_l(x) = W2_l rho(W1_l x + b1_l) + b2_l, and the kinetic sum S = sum_l sum_i |v_l(x_i^l)|^2.
+// The op (fastlddmm/ops/flow/__init__.py) turns S into the energy 1/2 * dt * S / N, once for every
+// backend; the kernels never scale it. The ground truth is fastlddmm/ops/flow/reference.py; the Python
+// launchers are fastlddmm/ops/flow/cpu.py and cuda.py.
 //
 // Every function works on raw, C-contiguous buffers of one dtype (float or double) allocated by the
 // caller (Python/torch): no torch headers here, so the compiled module is not tied to a torch C++ ABI.
