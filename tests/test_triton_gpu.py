@@ -36,7 +36,7 @@ pytest.importorskip("triton", reason="the triton package is missing: pip install
 from fastlddmm.kernels import euler_flow as K  # noqa: E402
 from fastlddmm.kernels import nearest as NK  # noqa: E402
 from fastlddmm.kernels import softmin as SK  # noqa: E402
-from fastlddmm.ops.euler_flow import reference as flow_ref  # noqa: E402
+from fastlddmm.ops.flow import reference as flow_ref  # noqa: E402
 from fastlddmm.ops.nearest.reference import squared_distances  # noqa: E402
 from fastlddmm.ops.softmin.reference import cost_matrix  # noqa: E402
 
