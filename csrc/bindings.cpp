@@ -1,8 +1,8 @@
 // pybind11 entry points of fastlddmm._C. Everything is passed as raw buffers: data pointers as
 // integers (torch's Tensor.data_ptr()), sizes and scalars as Python numbers, the CUDA stream as an
 // integer (torch.cuda.current_stream().cuda_stream). No torch headers: the module does not depend on
-// one torch build's C++ ABI. The Python launchers (fastlddmm/ops/_euler_flow_cpu.py, _cuda.py) check
-// shapes, dtypes, devices and contiguity before calling in here.
+// one torch build's C++ ABI. The Python launchers (fastlddmm/ops/flow/cpu.py and cuda.py, and each
+// other room's cpu.py) check shapes, dtypes, devices and contiguity before calling in here.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
