@@ -4,11 +4,14 @@
 
 Measured, forward + backward, float32, D = 3:
   flow      fl.ops.euler_flow (cpu; cuda and triton on a GPU) vs the eager reference
-            (fastlddmm.reference.euler_flow, the one the tests use) and torch.compile of it;
+            (fl.reference.euler_flow, the one the tests use) and torch.compile of it;
             10 layers, over points (width 64) and over widths 16/64/128/500 (fixed points).
-  sinkhorn  fl.sinkhorn (auto, keops) vs the dense reference and GeomLoss tensorized / online
+  sinkhorn  fl.sinkhorn (auto, cpu, keops) vs the dense reference and GeomLoss tensorized / online
             (blur 0.05, scaling 0.5, p = 2, debiased).
-  chamfer   fl.chamfer (auto, keops) vs scipy cKDTree, dense torch.cdist and plain pykeops argmin.
+  chamfer   fl.chamfer (auto, cpu, keops) vs scipy cKDTree, pykdtree, dense torch.cdist and plain pykeops argmin.
+  register  one optimiser step of fl.register with its defaults (Sinkhorn data term, width 128, 10
+            layers, Adam) vs the same step written by hand: the eager flow + GeomLoss
+            SamplesLoss("sinkhorn", backend="online") + Adam (time of fl.register(steps=S) / S).
 
 Time: median of --repeat calls after one warm-up call (compilation happens there; it runs on 2,000
 points, or at full size for torch.compile, which compiles per shape); a case whose timed call exceeds
@@ -32,14 +35,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # appended: an installed fastlddmm wins over this checkout's sources
-    sys.path.append(str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # appended: an installed fastlddmm wins over this checkout's sources
 
 from benchmarks import _measure  # noqa: E402
 
 LAYERS = 10
+OPS = ("flow", "chamfer", "sinkhorn", "register")
 WARMUP_POINTS = 2_000  # size of the warm-up call, except for torch.compile (static shapes: full size)
-BASELINE = {"flow": "reference (eager)", "sinkhorn": "geomloss online", "chamfer": "scipy cKDTree"}
+BASELINE = {"flow": "reference (eager)", "sinkhorn": "geomloss online", "chamfer": "scipy cKDTree",
+            "register": "eager + geomloss online"}
 
 # Methods per op and device, with the largest size each may run at here and why not beyond.
 # (method, max points or None, reason when skipped)
@@ -49,13 +54,19 @@ METHODS = {
         # Dense Sinkhorn holds four (N, N) cost matrices; on 2 cores one N = 1e4 solve costs minutes.
         # Each Sinkhorn call is O(N²) work: ~1 min at 1e4 on this CPU, so only fastlddmm auto (KeOps there)
         # and its baseline run at 1e4.
-        "sinkhorn": [("fastlddmm auto", None, ""), ("fastlddmm keops", 3_000, "same solver as auto at 1e4, run's time budget"),
-                     ("reference (dense)", 3_000, "O(N²) work, run's time budget"),
+        "sinkhorn": [("fastlddmm auto", None, ""), ("fastlddmm cpu", None, ""),
+                     ("fastlddmm keops", 10_000, "KeOps' CPU loop: ~30 s per call at 1e4, O(N²)"),
+                     ("reference (dense)", 10_000, "four (N, N) matrices: 160 GB at 1e5"),
                      ("geomloss tensorized", 3_000, "O(N²) work, run's time budget"),
-                     ("geomloss online", None, "")],
-        "chamfer": [("fastlddmm auto", None, ""), ("fastlddmm keops", 10_000, "O(N²) brute force: minutes per call on this CPU"),
-                    ("scipy cKDTree", None, ""), ("torch cdist (dense)", 10_000, "(N, N) matrix: O(N²) memory and work"),
+                     ("geomloss online", 10_000, "KeOps' CPU loop: ~50 min per call at 1e5 (100x the 1e4 time)")],
+        "chamfer": [("fastlddmm auto", None, ""), ("fastlddmm cpu", None, ""),
+                    ("fastlddmm keops", 10_000, "O(N²) brute force: minutes per call on this CPU"),
+                    ("scipy cKDTree", None, ""), ("pykdtree", None, ""),
+                    ("torch cdist (dense)", 10_000, "(N, N) matrix: O(N²) memory and work"),
                     ("pykeops argmin", 10_000, "O(N²) brute force: minutes per call on this CPU")],
+        "register": [("fastlddmm register", None, ""),
+                     ("eager + geomloss online", 5_000, "KeOps' CPU loop: ~100x the 5000-point step (O(N²)), "
+                                                        "about half an hour per step")],
     },
     "cuda": {
         "flow": [("reference (eager)", None, ""), ("reference torch.compile", None, ""), ("fastlddmm cuda", None, ""),
@@ -71,13 +82,14 @@ METHODS = {
 # Sizes: (points sweep at width 64, width sweep at fixed points, sinkhorn sizes, chamfer sizes).
 SIZES = {
     ("cpu", False): {"flow_points": [1_000, 10_000, 200_000], "flow_widths": (10_000, [16, 128, 500]),
-                     "sinkhorn": [1_000, 2_000, 10_000], "chamfer": [1_000, 10_000, 100_000, 1_000_000]},
+                     "sinkhorn": [1_000, 2_000, 10_000, 100_000], "chamfer": [1_000, 10_000, 100_000, 1_000_000],
+                     "register": [5_000, 50_000]},
     ("cpu", True): {"flow_points": [1_000, 20_000], "flow_widths": (1_000, [16]),
-                    "sinkhorn": [1_000], "chamfer": [1_000, 10_000]},
+                    "sinkhorn": [1_000], "chamfer": [1_000, 10_000], "register": [1_000]},
     ("cuda", False): {"flow_points": [10_000, 100_000, 1_000_000], "flow_widths": (1_000_000, [16, 128, 500]),
-                      "sinkhorn": [1_000, 10_000, 100_000], "chamfer": [10_000, 100_000, 1_000_000]},
+                       "sinkhorn": [1_000, 10_000, 100_000], "chamfer": [10_000, 100_000, 1_000_000], "register": []},
     ("cuda", True): {"flow_points": [10_000, 100_000], "flow_widths": (100_000, [128]),
-                     "sinkhorn": [1_000, 10_000], "chamfer": [10_000, 100_000]},
+                     "sinkhorn": [1_000, 10_000], "chamfer": [10_000, 100_000], "register": []},
 }
 
 
@@ -85,9 +97,10 @@ def plan(device: str, quick: bool) -> list[dict]:
     """Every (op, method, points, width) case of one run, skipped ones included (with their reason)."""
     sizes = SIZES[(device, quick)]
     shapes = {"flow": [(n, 64) for n in sizes["flow_points"]] + [(sizes["flow_widths"][0], w) for w in sizes["flow_widths"][1]],
-              "sinkhorn": [(n, None) for n in sizes["sinkhorn"]], "chamfer": [(n, None) for n in sizes["chamfer"]]}
+              "sinkhorn": [(n, None) for n in sizes["sinkhorn"]], "chamfer": [(n, None) for n in sizes["chamfer"]],
+              "register": [(n, None) for n in sizes["register"]]}
     cases = []
-    for op in ("flow", "chamfer", "sinkhorn"):
+    for op in OPS:
         for n, width in shapes[op]:
             for method, max_n, why in METHODS[device][op]:
                 case = {"op": op, "method": method, "points": n, "width": width}
@@ -111,8 +124,9 @@ def _flow_call(method: str, n: int, width: int, device: str):
 
     import fastlddmm as fl
     from benchmarks._common import flow_inputs
-    from fastlddmm.reference import euler_flow as reference
+    from fastlddmm import dispatch
 
+    reference = fl.reference.euler_flow
     inputs = [t.requires_grad_() for t in flow_inputs(n, width, LAYERS, device=device)]
     if method == "reference (eager)":
         flow = reference
@@ -120,7 +134,7 @@ def _flow_call(method: str, n: int, width: int, device: str):
         flow = torch.compile(reference, dynamic=False)
     else:
         backend = method.split()[-1]
-        fl._backend.require(backend, device=torch.device(device))
+        dispatch.choose("euler_flow", backend, dispatch.Problem(device=device, dtype=torch.float32, dim=3))  # raises if not usable
 
         def flow(*args):
             return fl.ops.euler_flow(*args, backend=backend)
@@ -147,7 +161,8 @@ def _sinkhorn_call(method: str, n: int, device: str):
 
         loss_fn = SamplesLoss("sinkhorn", backend=method.split()[-1], **kw)
     else:
-        backend = {"fastlddmm auto": "auto", "fastlddmm keops": "keops", "reference (dense)": "reference"}[method]
+        backend = {"fastlddmm auto": "auto", "fastlddmm cpu": "cpu", "fastlddmm keops": "keops",
+                   "reference (dense)": "reference"}[method]
 
         def loss_fn(x, y):
             return fl.sinkhorn(x, y, backend=backend, **kw)
@@ -183,6 +198,14 @@ def _chamfer_call(method: str, n: int, device: str):
             i_xy = cKDTree(ys).query(xs, k=1, workers=-1)[1]
             i_yx = cKDTree(xs).query(ys, k=1, workers=-1)[1]
             return from_indices(xg, torch.from_numpy(i_xy).to(xg.device), torch.from_numpy(i_yx).to(xg.device))
+    elif method == "pykdtree":
+        from pykdtree.kdtree import KDTree
+
+        def loss_fn(xg):
+            xs, ys = xg.detach().cpu().numpy(), y.cpu().numpy()  # float32: pykdtree keeps the dtype
+            i_xy = KDTree(ys).query(xs, k=1)[1].astype("int64")
+            i_yx = KDTree(xs).query(ys, k=1)[1].astype("int64")
+            return from_indices(xg, torch.from_numpy(i_xy).to(xg.device), torch.from_numpy(i_yx).to(xg.device))
     elif method == "torch cdist (dense)":
         def loss_fn(xg):
             d2 = torch.cdist(xg, y).square()  # (N, M)
@@ -205,24 +228,73 @@ def _chamfer_call(method: str, n: int, device: str):
     return call
 
 
+REGISTER_STEPS = {1_000: 3, 5_000: 3, 50_000: 2}
+
+
+def _register_call(method: str, n: int, device: str):
+    """One optimiser step of a registration (its time: a call of `steps` steps / steps)."""
+    import torch
+
+    import fastlddmm as fl
+    from benchmarks._common import clouds
+    from fastlddmm.registration import DEFAULTS
+
+    source, target = clouds(n, n, device=device)
+    steps = REGISTER_STEPS.get(n, 2)
+    if method == "fastlddmm register":
+        def call():
+            r = fl.register(source, target, steps=steps, progress=False)
+            return torch.tensor(r.history["loss"][-1])
+    else:  # the loop a user writes by hand: the same normalisation, flow, objective and Adam
+        from geomloss import SamplesLoss
+
+        loss_fn = SamplesLoss("sinkhorn", p=2, blur=DEFAULTS.blur, scaling=0.5, backend="online")
+        center = torch.cat([source, target]).mean(0)
+        scale = float((torch.cat([source, target]) - center).norm(dim=-1).max())
+        src, tgt = (source - center) / scale, (target - center) / scale
+
+        def call():
+            torch.manual_seed(DEFAULTS.seed)
+            g = torch.Generator().manual_seed(DEFAULTS.seed)
+            L, H = DEFAULTS.layers, DEFAULTS.width
+            params = [torch.nn.Parameter(t) for t in (torch.randn(L, H, 3, generator=g) / 3**0.5,
+                                                      torch.zeros(L, H), torch.zeros(L, 3, H), torch.zeros(L, 3))]
+            opt = torch.optim.Adam(params, lr=5e-3)
+            for _ in range(steps):
+                opt.zero_grad()
+                moved, energy = fl.reference.euler_flow(src, *params, 1.0 / L, DEFAULTS.activation)
+                loss = loss_fn(moved, tgt) / (2 * DEFAULTS.sigma**2) + energy
+                loss.backward()
+                opt.step()
+            return loss.detach()
+
+    call.steps = steps
+    return call
+
+
 def worker(spec: dict) -> dict:
     import torch
 
     device = spec["device"]
     make = {"flow": lambda: _flow_call(spec["method"], spec["points"], spec["width"], device),
             "sinkhorn": lambda: _sinkhorn_call(spec["method"], spec["points"], device),
-            "chamfer": lambda: _chamfer_call(spec["method"], spec["points"], device)}[spec["op"]]
+            "chamfer": lambda: _chamfer_call(spec["method"], spec["points"], device),
+            "register": lambda: _register_call(spec["method"], spec["points"], device)}[spec["op"]]
     call = make()
     warmup = None
     if spec["method"] != "reference torch.compile" and spec["points"] > WARMUP_POINTS:
         # what warms up here (KeOps formulas, thread pools) does not depend on N: a small call will do
         warmup = {"flow": lambda: _flow_call(spec["method"], WARMUP_POINTS, spec["width"], device),
                   "sinkhorn": lambda: _sinkhorn_call(spec["method"], WARMUP_POINTS, device),
-                  "chamfer": lambda: _chamfer_call(spec["method"], WARMUP_POINTS, device)}[spec["op"]]()
+                  "chamfer": lambda: _chamfer_call(spec["method"], WARMUP_POINTS, device),
+                  "register": lambda: _register_call(spec["method"], 1_000, device)}[spec["op"]]()
     value = []
     result = _measure.measure(lambda: value.append(call()), repeat=spec["repeat"], device=device, slow_s=spec["slow"],
                               warmup=warmup)
     result["value"] = float(value[-1].detach())
+    if spec["op"] == "register":  # a call ran several steps: report one
+        result["time_s"] /= call.steps
+        result["steps_per_call"] = call.steps
     result["threads"] = torch.get_num_threads()
     return result
 
@@ -271,8 +343,9 @@ def markdown(report: dict) -> str:
                  else "torch.cuda memory of the calls.")
               + " Ratios: method / baseline (below 1 is better). `value`: the loss, to check the methods agree.", ""]
     titles = {"flow": f"Euler flow, {LAYERS} layers, forward + backward", "chamfer": "Chamfer, forward + backward",
-              "sinkhorn": "Sinkhorn divergence (blur 0.05), forward + backward"}
-    for op in ("flow", "chamfer", "sinkhorn"):
+              "sinkhorn": "Sinkhorn divergence (blur 0.05), forward + backward",
+              "register": "One registration step (fl.register defaults: Sinkhorn blur 0.02, width 128, 10 layers, Adam)"}
+    for op in OPS:
         rows = [c for c in report["cases"] if c["op"] == op]
         if not rows:
             continue
@@ -293,14 +366,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plots(report: dict, out: Path) -> list[str]:
+def plots(report: dict, out: Path, name: str = "") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = []
-    for op in ("flow", "chamfer", "sinkhorn"):
+    for op in OPS:
         rows = [c for c in report["cases"] if c["op"] == op and "time_s" in c and (op != "flow" or c["width"] == 64)]
         if not rows:
             continue
@@ -321,10 +394,10 @@ def plots(report: dict, out: Path) -> list[str]:
         fig.suptitle(f"{op}{extra}, float32, {report['device']}: {report['machine']['cpu_model'] if report['device'] == 'cpu' else report['machine'].get('gpu')}",
                      fontsize=9)
         fig.tight_layout()
-        name = f"compare_{report['device']}_{op}.png"
-        fig.savefig(out / name, dpi=90)
+        fname = f"compare_{report['device']}{name}_{op}.png"
+        fig.savefig(out / fname, dpi=90)
         plt.close(fig)
-        names.append(name)
+        names.append(fname)
     return names
 
 
@@ -336,7 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="timed calls per case after the warm-up (median)")
     ap.add_argument("--slow", type=float, default=10.0, help="seconds: no further repeats after a slower timed call")
     ap.add_argument("--case-timeout", type=float, default=300.0, help="seconds before a case is abandoned")
-    ap.add_argument("--ops", nargs="*", default=["flow", "chamfer", "sinkhorn"], choices=["flow", "chamfer", "sinkhorn"])
+    ap.add_argument("--ops", nargs="*", default=list(OPS), choices=list(OPS))
+    ap.add_argument("--sizes", nargs="*", type=int, help="run only these point counts")
+    ap.add_argument("--name", default="", help="suffix of the output files (compare_<device><name>.md)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # JSON case spec, in the subprocess
     args = ap.parse_args(argv)
     if args.worker:
@@ -354,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
     machine = _measure.machine_info(args.device)
     start = time.perf_counter()
-    cases = [c for c in plan(args.device, args.quick) if c["op"] in args.ops]
+    cases = [c for c in plan(args.device, args.quick) if c["op"] in args.ops and (not args.sizes or c["points"] in args.sizes)]
     print(f"{len(cases)} cases on {machine['cpu_model']} ({machine['cpu_cores']} cores, load "
           f"{machine['load_average'][0]:.2f}), {args.device}", flush=True)
     for c in cases:
@@ -368,12 +443,13 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": command, "device": args.device, "quick": args.quick, "repeat": args.repeat, "slow_s": args.slow,
               "machine": machine, "load_average_after": list(os.getloadavg()),
               "wall_s": time.perf_counter() - start, "baseline": BASELINE, "cases": cases}
-    report["plots"] = plots(report, out)
+    report["plots"] = plots(report, out, args.name)
     text = markdown(report)
-    (out / f"compare_{args.device}.md").write_text(text)
-    (out / f"compare_{args.device}.json").write_text(json.dumps(report, indent=1) + "\n")
+    stem = f"compare_{args.device}{args.name}"
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     print("\n" + text)
-    print(f"wrote {out}/compare_{args.device}.md, .json and {len(report['plots'])} plots in {report['wall_s']:.0f} s")
+    print(f"wrote {out}/{stem}.md, .json and {len(report['plots'])} plots in {report['wall_s']:.0f} s")
     return 0
 
 

@@ -23,7 +23,7 @@ from benchmarks import _measure  # noqa: E402
 def _worker(args) -> None:
     import torch
 
-    from fastlddmm.ops.euler_flow import euler_flow
+    from fastlddmm.ops.flow import euler_flow
 
     torch.manual_seed(0)
     L, H, D, N = args.layers, args.width, args.dim, args.points

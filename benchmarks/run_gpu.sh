@@ -3,7 +3,10 @@
 # CUDA kernels, run the GPU tests, run benchmarks/gpu_distances.py. Logs and results go to $OUT, the folder
 # the device tool brings back. How to call it: benchmarks/README.md, "On a GPU".
 #
-#   bash benchmarks/run_gpu.sh WHEEL_DIR [STAGE ...]     STAGE: setup, test, bench (default: all three)
+#   bash benchmarks/run_gpu.sh WHEEL_DIR [STAGE ...]     STAGE: setup, test, report, bench (default: setup test bench)
+#
+# report: benchmarks/kernel_report.py with the machine's own triton (3.6) for sm_90, to check the static
+# figures committed from the CPU machine (benchmarks/results/kernel_report.md) against the GPU image's triton.
 #
 # WHEEL_DIR: the folder benchmarks/fetch_gpu_wheels.sh filled (.whl), carried by the device tool.
 # setup is done once per machine: a later stage on the same (warm) machine skips it, a fresh machine redoes
@@ -19,7 +22,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS=${1:?usage: bash benchmarks/run_gpu.sh WHEEL_DIR [setup] [test] [bench]}
+WHEELS=${1:?usage: bash benchmarks/run_gpu.sh WHEEL_DIR [setup] [test] [report] [bench]}
 shift
 STAGES=${*:-setup test bench}
 OUT=${OUT:-/tmp/fastlddmm_gpu_out}
@@ -87,9 +90,18 @@ run_tests() {
   log "test: pytest -m gpu (GPU-only tests)"
   timeout "$t" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests
   rc=$?; [ $rc = 5 ] && log "test: no test marked gpu was collected"
-  log "test: the Triton tests compiled on the GPU (they run in the interpreter on CI)"
-  timeout "$t" "$PY" -m pytest -m "not gpu" -q -rs -p no:cacheprovider tests/test_triton_distances.py tests/test_euler_flow_triton.py
+  # The op files' triton-cuda cases are in the gpu run above (compiled); these check the launchers' tile
+  # choices and the dispatch table's rules with a GPU present (on CI they run in the interpreter).
+  log "test: launcher-level Triton tests and the dispatch rules with a GPU present"
+  timeout "$t" "$PY" -m pytest -m "not gpu" -q -rs -p no:cacheprovider tests/test_triton_gpu.py tests/test_dispatch.py
   log "test: done (exit $?; 124 = over TEST_TIMEOUT)"
+}
+
+report() {
+  log "report: benchmarks/kernel_report.py --archs 90 with the installed triton"
+  "$PY" benchmarks/kernel_report.py --archs 90 --json "$OUT/kernel_report_gpu_machine.json" \
+    --markdown "$OUT/kernel_report_gpu_machine.md"
+  log "report: done (exit $?)"
 }
 
 bench() {
@@ -106,8 +118,9 @@ for stage in $STAGES; do
   case "$stage" in
     setup) setup 2>&1 | tee -a "$OUT/setup.log"; [ "${PIPESTATUS[0]}" = 0 ] || { log "setup failed: see setup.log"; exit 1; } ;;
     test) { setup && run_tests; } 2>&1 | tee -a "$OUT/tests.log" ;;
+    report) { setup && report; } 2>&1 | tee -a "$OUT/report.log" ;;
     bench) { setup && bench; } 2>&1 | tee -a "$OUT/bench.log"; status=${PIPESTATUS[0]} ;;
-    *) echo "unknown stage $stage (expected setup, test or bench)"; exit 2 ;;
+    *) echo "unknown stage $stage (expected setup, test, report or bench)"; exit 2 ;;
   esac
 done
 environment

@@ -1,15 +1,19 @@
 // pybind11 entry points of fastlddmm._C. Everything is passed as raw buffers: data pointers as
 // integers (torch's Tensor.data_ptr()), sizes and scalars as Python numbers, the CUDA stream as an
 // integer (torch.cuda.current_stream().cuda_stream). No torch headers: the module does not depend on
-// one torch build's C++ ABI. The Python launchers (fastlddmm/ops/_euler_flow_cpu.py, _cuda.py) check
-// shapes, dtypes, devices and contiguity before calling in here.
+// one torch build's C++ ABI. The Python launchers (fastlddmm/ops/flow/cpu.py and cuda.py, and each
+// other room's cpu.py) check shapes, dtypes, devices and contiguity before calling in here.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "euler_flow/euler_flow.h"
+#include "nearest/nearest_cpu.h"
+#include "projection/projection_cpu.h"
+#include "softmin/softmin_cpu.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -100,6 +104,86 @@ void cpu_backward(const std::string& dtype, ptr_t grad_x_final, double grad_kine
   }
 }
 
+void softmin(const std::string& dtype, ptr_t x, ptr_t y, ptr_t h, int64_t batch, int64_t n, int64_t m, int64_t dim,
+             double eps, int64_t p, int num_threads, ptr_t f, ptr_t grad) {
+  require(x, "x");
+  require(y, "y");
+  require(h, "h");
+  require(f, "f");
+  if (dim < 1 || batch < 0 || n < 0 || m < 1 || !(eps > 0))
+    throw std::invalid_argument("softmin: invalid sizes or eps");
+  py::gil_scoped_release release;
+  if (is_double(dtype)) {
+    fastlddmm::softmin_cpu<double>(P<const double>(x), P<const double>(y), P<const double>(h), batch, n, m,
+                                   static_cast<int>(dim), eps, static_cast<int>(p), num_threads, P<double>(f),
+                                   P<double>(grad));
+  } else {
+    fastlddmm::softmin_cpu<float>(P<const float>(x), P<const float>(y), P<const float>(h), batch, n, m,
+                                  static_cast<int>(dim), eps, static_cast<int>(p), num_threads, P<float>(f),
+                                  P<float>(grad));
+  }
+}
+
+void projection_forward(const std::string& dtype, ptr_t x, ptr_t y, ptr_t h, ptr_t v, int64_t batch, int64_t n,
+                        int64_t m, int64_t dim, double eps, int64_t p, int num_threads, ptr_t out, ptr_t lse2) {
+  for (auto [ptr, name] : {std::pair{x, "x"}, {y, "y"}, {h, "h"}, {v, "v"}, {out, "out"}, {lse2, "lse2"}})
+    require(ptr, name);
+  if (dim < 1 || batch < 0 || n < 0 || m < 1 || !(eps > 0))
+    throw std::invalid_argument("projection: invalid sizes or eps");
+  py::gil_scoped_release release;
+  if (is_double(dtype)) {
+    fastlddmm::projection_forward_cpu<double>(P<const double>(x), P<const double>(y), P<const double>(h),
+                                              P<const double>(v), batch, n, m, static_cast<int>(dim), eps,
+                                              static_cast<int>(p), num_threads, P<double>(out), P<double>(lse2));
+  } else {
+    fastlddmm::projection_forward_cpu<float>(P<const float>(x), P<const float>(y), P<const float>(h),
+                                             P<const float>(v), batch, n, m, static_cast<int>(dim), eps,
+                                             static_cast<int>(p), num_threads, P<float>(out), P<double>(lse2));
+  }
+}
+
+void projection_backward(const std::string& dtype, ptr_t x, ptr_t y, ptr_t h, ptr_t v, ptr_t out, ptr_t lse2,
+                         ptr_t grad_out, int64_t batch, int64_t n, int64_t m, int64_t dim, double eps, int64_t p,
+                         int num_threads, ptr_t grad_x, ptr_t grad_h, ptr_t grad_v) {
+  for (auto [ptr, name] : {std::pair{x, "x"}, {y, "y"}, {h, "h"}, {v, "v"}, {out, "out"}, {lse2, "lse2"},
+                           {grad_out, "grad_out"}})
+    require(ptr, name);
+  if (dim < 1 || batch < 0 || n < 0 || m < 1 || !(eps > 0))
+    throw std::invalid_argument("projection: invalid sizes or eps");
+  py::gil_scoped_release release;
+  if (is_double(dtype)) {
+    fastlddmm::projection_backward_cpu<double>(P<const double>(x), P<const double>(y), P<const double>(h),
+                                               P<const double>(v), P<const double>(out), P<const double>(lse2),
+                                               P<const double>(grad_out), batch, n, m, static_cast<int>(dim), eps,
+                                               static_cast<int>(p), num_threads, P<double>(grad_x), P<double>(grad_h),
+                                               P<double>(grad_v));
+  } else {
+    fastlddmm::projection_backward_cpu<float>(P<const float>(x), P<const float>(y), P<const float>(h),
+                                              P<const float>(v), P<const float>(out), P<const double>(lse2),
+                                              P<const float>(grad_out), batch, n, m, static_cast<int>(dim), eps,
+                                              static_cast<int>(p), num_threads, P<float>(grad_x), P<float>(grad_h),
+                                              P<float>(grad_v));
+  }
+}
+
+void knn(const std::string& dtype, ptr_t x, ptr_t y, ptr_t x_lengths, ptr_t y_lengths, int64_t batch, int64_t n,
+         int64_t m, int64_t dim, int64_t k, int64_t norm, int num_threads, ptr_t index) {
+  require(x, "x");
+  require(y, "y");
+  require(index, "index");
+  if (batch < 0 || n < 0 || m < 0) throw std::invalid_argument("nearest: invalid sizes");
+  py::gil_scoped_release release;
+  if (is_double(dtype)) {
+    fastlddmm::knn_cpu<double>(P<const double>(x), P<const double>(y), P<const int64_t>(x_lengths),
+                               P<const int64_t>(y_lengths), batch, n, m, static_cast<int>(dim), static_cast<int>(k),
+                               static_cast<int>(norm), num_threads, P<int64_t>(index));
+  } else {
+    fastlddmm::knn_cpu<float>(P<const float>(x), P<const float>(y), P<const int64_t>(x_lengths),
+                              P<const int64_t>(y_lengths), batch, n, m, static_cast<int>(dim), static_cast<int>(k),
+                              static_cast<int>(norm), num_threads, P<int64_t>(index));
+  }
+}
+
 #ifdef FASTLDDMM_WITH_CUDA
 void cuda_forward(const std::string& dtype, ptr_t x, ptr_t w1, ptr_t b1, ptr_t w2, ptr_t b2, double dt,
                   const std::string& activation, int64_t n, int64_t dim, int64_t width, int64_t layers,
@@ -185,6 +269,26 @@ PYBIND11_MODULE(_C, m) {
         py::arg("layers"), py::arg("num_threads"), py::arg("grad_x"), py::arg("grad_weight1"),
         py::arg("grad_bias1"), py::arg("grad_weight2"), py::arg("grad_bias2"),
         "Fused Euler flow backward on CPU buffers (pointers as integers); overwrites every gradient buffer.");
+  m.def("softmin_cpu", &softmin, py::arg("dtype"), py::arg("x"), py::arg("y"), py::arg("h"), py::arg("batch"),
+        py::arg("n"), py::arg("m"), py::arg("dim"), py::arg("eps"), py::arg("p"), py::arg("num_threads"),
+        py::arg("f"), py::arg("grad"),
+        "Soft-min f = -eps log sum_j exp(h_j - |x_i - y_j|^p / (p eps)) on CPU buffers; grad (0: none) "
+        "receives df_i/dx_i. See csrc/softmin/softmin_cpu.h.");
+  m.def("projection_forward_cpu", &projection_forward, py::arg("dtype"), py::arg("x"), py::arg("y"), py::arg("h"),
+        py::arg("v"), py::arg("batch"), py::arg("n"), py::arg("m"), py::arg("dim"), py::arg("eps"), py::arg("p"),
+        py::arg("num_threads"), py::arg("out"), py::arg("lse2"),
+        "Barycentric projection T_i = sum_j softmax_j(h_j - C_ij/eps) v_j; lse2 (float64) is kept for the "
+        "backward. See csrc/projection/projection_cpu.h.");
+  m.def("projection_backward_cpu", &projection_backward, py::arg("dtype"), py::arg("x"), py::arg("y"), py::arg("h"),
+        py::arg("v"), py::arg("out"), py::arg("lse2"), py::arg("grad_out"), py::arg("batch"), py::arg("n"),
+        py::arg("m"), py::arg("dim"), py::arg("eps"), py::arg("p"), py::arg("num_threads"), py::arg("grad_x"),
+        py::arg("grad_h"), py::arg("grad_v"),
+        "Gradients of projection_forward_cpu (grad_x / grad_h / grad_v may be 0: not computed).");
+  m.def("knn_cpu", &knn, py::arg("dtype"), py::arg("x"), py::arg("y"), py::arg("x_lengths"), py::arg("y_lengths"),
+        py::arg("batch"), py::arg("n"), py::arg("m"), py::arg("dim"), py::arg("k"), py::arg("norm"),
+        py::arg("num_threads"), py::arg("index"),
+        "Exact K nearest neighbours by a k-d tree; index (B, N, k) int64 must be zero-filled (padded places stay "
+        "0). Lengths may be 0 (full). See csrc/nearest/nearest_cpu.h.");
 #ifdef FASTLDDMM_WITH_CUDA
   m.def("euler_flow_forward_cuda", &cuda_forward, py::arg("dtype"), py::arg("x"), py::arg("weight1"),
         py::arg("bias1"), py::arg("weight2"), py::arg("bias2"), py::arg("dt"), py::arg("activation"), py::arg("n"),

@@ -210,6 +210,12 @@ def cmd_digits(args) -> int:
     kwargs = {}
     if args.steps is not None:
         kwargs["steps"] = args.steps
+    if args.seconds is not None:
+        kwargs["seconds"] = args.seconds
+    if args.independent:
+        kwargs["shared"] = False
+    if args.threads is not None:
+        kwargs["threads"] = args.threads
     if args.device is not None:
         kwargs["device"] = args.device
     try:
@@ -416,7 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", nargs="+", type=_digit, required=True, metavar="DIGIT", help="digits to train on")
     p.add_argument("--eval", nargs="+", type=_digit, required=True, metavar="DIGIT", help="digits to evaluate on")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
-    p.add_argument("--steps", type=_positive_int, default=None, help="training iterations (default: the module's)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=_positive_int, default=None, help="training iterations (default: the module's)")
+    g.add_argument("--seconds", type=_positive_float, default=None, metavar="S",
+                   help="train for S seconds instead of a number of iterations (e.g. 300 to train longer)")
+    p.add_argument("--independent", action="store_true",
+                   help="one network per step instead of one network applied at every step (shared weights)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads (default: torch's, or 1 when the load average says every core is busy)")
     p.add_argument("--device", type=_device, default=None, help="cpu, cuda ... (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--force", action="store_true", help="write into a non-empty OUTDIR")

@@ -189,6 +189,12 @@ def _first_nearest_only(pr: Problem) -> str | None:
     return _fused_dtype(pr)
 
 
+def _cpu_nearest(pr: Problem) -> str | None:
+    if pr.dim > 64:
+        return f"its k-d tree takes points of dimension D <= 64, got D = {pr.dim} (use backend='keops' or 'reference')"
+    return _fused_dtype(pr)
+
+
 TABLE: dict[str, dict[str, Entry]] = {
     "euler_flow": {
         "reference": Entry("fastlddmm.ops.flow.reference", ("cpu", "cuda")),
@@ -198,16 +204,19 @@ TABLE: dict[str, dict[str, Entry]] = {
     },
     "softmin": {
         "reference": Entry("fastlddmm.ops.softmin.reference", ("cpu", "cuda")),
+        "cpu": Entry("fastlddmm.ops.softmin.cpu", ("cpu",), _fused_dtype),
         "keops": Entry("fastlddmm.ops.softmin.keops", ("cpu", "cuda")),
         "triton": Entry("fastlddmm.ops.softmin.triton", ("cuda", "cpu"), _fused_dtype),
     },
     "projection": {
         "reference": Entry("fastlddmm.ops.projection.reference", ("cpu", "cuda")),
+        "cpu": Entry("fastlddmm.ops.projection.cpu", ("cpu",), _fused_dtype),
         "keops": Entry("fastlddmm.ops.projection.keops", ("cpu", "cuda")),
         "triton": Entry("fastlddmm.ops.projection.triton", ("cuda", "cpu"), _fused_dtype),
     },
     "nearest": {
         "reference": Entry("fastlddmm.ops.nearest.reference", ("cpu", "cuda")),
+        "cpu": Entry("fastlddmm.ops.nearest.cpu", ("cpu",), _cpu_nearest),
         "kdtree": Entry("fastlddmm.ops.nearest.kdtree", ("cpu", "cuda")),  # CUDA tensors go through the host
         "keops": Entry("fastlddmm.ops.nearest.keops", ("cpu", "cuda")),
         "triton": Entry("fastlddmm.ops.nearest.triton", ("cuda", "cpu"), _first_nearest_only),
@@ -312,9 +321,18 @@ def _auto_euler_flow(pr: Problem) -> str:
     return _first_usable("euler_flow", pr, ("triton",) if pr.deterministic else ("triton", "cuda"))
 
 
+# CPU tensors: the C++ k-d tree ("cpu") wins at every size measured (benchmarks/results/cpu_kernels.md,
+# 2-core Xeon, float32, D = 3, one query direction, one thread: N = M = 100: 0.017 ms against cKDTree
+# 0.092 ms; 1000: 0.23 / 0.89 ms; 10^4: 11.7 / 28.9 ms; Chamfer forward + backward, two threads: 10^5 and
+# 10^6 points ~0.3x cKDTree's time); the dense search is slower from ~100 points on (its (rows, M) blocks).
+# Its limit (D <= 64) sends the rest to the old rule.
+
+
 def _auto_nearest(pr: Problem) -> str:
     pairs = pr.n * pr.m
     if pr.device == "cpu":
+        if usable("nearest", "cpu", pr):
+            return "cpu"
         if pairs <= NEAREST_DENSE_MAX_PAIRS:
             return "reference"
         return _first_usable("nearest", pr, ("kdtree", "keops") if pr.dim <= KDTREE_MAX_DIM else ("keops",))
@@ -327,7 +345,16 @@ def _auto_nearest(pr: Problem) -> str:
     return _first_usable("nearest", pr, ("keops",))
 
 
+# CPU tensors: the streaming C++ soft-min ("cpu") from the smallest sizes on (benchmarks/results/cpu_kernels.md,
+# 2-core Xeon, float32, D = 3, fl.sinkhorn value + gradient: N = M = 10 and 30: the same time as the dense
+# reference within noise (~50 ms: the Python loop of the solver dominates both); 300: 48 ms against 522 ms;
+# 3000: 2.3 s against 37 s; 10^4: ~0.03x GeomLoss online (KeOps), see the results file). float16 / bfloat16
+# and builds without fastlddmm._C fall through to the old rule.
+
+
 def _auto_softmin(pr: Problem, op: str = "softmin") -> str:
+    if pr.device == "cpu" and usable(op, "cpu", pr):
+        return "cpu"
     if pr.batch * max(pr.n, pr.m) ** 2 <= SOFTMIN_DENSE_MAX_ENTRIES:
         return "reference"
     # CUDA: the streaming Triton kernels before KeOps (not timed: no GPU on the build machine).

@@ -1,61 +1,69 @@
 """Triton kernels of the fused ResNet-LDDMM Euler flow: forward and backward, then the launchers.
 
-Model and backward formulas: see fastlddmm/reference/flow.py (the ground truth) and the fused-flow
-contract in fastlddmm/ops/euler_flow.py. Per layer l, for every point x (a row of the tile):
+Model and backward formulas: fastlddmm/ops/flow/reference.py (the ground truth) and the launcher
+contract in fastlddmm/ops/flow/__init__.py. Per layer l, for every point x (a row of the tile):
     z = W1_l x + b1_l (H),  h = ρ(z),  v = W2_l h + b2_l (D),  x <- x + dt·v,
-    S = Σ_l Σ_i |v_l(x_i^l)|² (the kinetic sum; the op makes it the energy ½ · dt · S / N).
+    S = Σ_l Σ_i |v_l(x_i^l)|² (the kinetic sum, raw; the op makes it the energy ½ · dt · S / N).
 
-Design choices (and why):
+Design (judged by the compiled SASS, see benchmarks/kernel_report.py):
 
 * One program = one tile of BLOCK_N points through ALL L layers. The tile's points stay in registers
   from layer to layer; only states[l] (the input of block l, L·N·D numbers) is written, for the
   backward pass. Hidden activations (N·H per layer) never touch global memory: they are computed
-  BLOCK_H columns at a time and recomputed in the backward pass.
+  BLOCK_H units at a time and recomputed in the backward pass.
 
-* No tl.dot. D is 2 or 3 in practice: padding the contraction dimension to tl.dot's minimum of 16
-  wastes >80% of the work for z = x W1ᵀ, tl.dot on float32 defaults to TF32 (10-bit mantissa,
-  far from the reference's agreement), and float64 tl.dot support varies with GPU and Triton
-  version. So both contractions are broadcast-multiply + tl.sum over a (BLOCK_N, BLOCK_H, BLOCK_D)
-  register block, BLOCK_D = next power of two ≥ D (masked): computed in the input dtype, float32
-  and float64 alike, for any D (large D shrinks BLOCK_H / BLOCK_N so the block stays bounded:
-  slow for large D, but correct).
+* D = 1, 2, 3 (a constexpr) take the fast path: one (BLOCK_N, BLOCK_H) register tile per coordinate,
+  z = b1 + Σ_d x_d w1_d and v_d += h · w2_d as elementwise FMAs. The velocity accumulators stay
+  elementwise (BLOCK_N, BLOCK_H) tiles through the hidden loop and are reduced over H once after it:
+  the hidden loop of the forward holds no shuffle and no barrier, ~7 FMA-class instructions per
+  (point, hidden unit) for relu. Larger D take the generic path: a (BLOCK_N, BLOCK_H, BLOCK_D) block
+  with tl.sum over D (lanes on D, shuffle-bound, but any D).
 
-* Energy: each forward program writes Σ_l Σ_{i in tile} |v|² to its own slot of a (num_tiles,)
-  buffer, torch sums it and scales by ½·dt/N. Deterministic, no atomics, no host sync.
+* Packed, pre-scaled weights (built by the launcher, O(L·H), padded to whole BLOCK_H chunks with zeros):
+  wp (L, Hp, 8) rows [s_in·w1_0, s_in·w1_1, s_in·w1_2, s_in·b1, s_out·w2_0, s_out·w2_1, s_out·w2_2, 0], so a
+  hidden unit's 7 numbers are loads at constant offsets from one pointer, the loop has no masks, and the
+  activation's constants are folded into the weights: tanh takes z' = 2 log2(e)·z and h = 1 - 2/(1 + 2^z'),
+  softplus z' = log2(e)·z and h' = log2(1 + 2^z') = h / ln 2 (w2 scaled by ln 2; z itself above torch's
+  threshold z = 20): one MUFU.EX2 (+ one MUFU.RCP or MUFU.LG2) per unit, no multiply by log2(e). float32 uses rcp.approx.ftz /
+  lg2.approx.ftz (relative error ~2^-22; inline PTX, so not under the interpreter, which gets the exact
+  division and log2); float64 uses libdevice. The backward divides the scaled gradients back.
 
-* Weight/bias gradients of the backward pass: a reduction over all N points of per-point terms.
-  Options weighed:
-    - tl.atomic_add of every tile's partial into one (L, params) buffer: least memory, one launch,
-      but not deterministic (float addition order varies run to run) and every program hammers the
-      same few thousand addresses (H=500, D=3: 3.5k per layer), serialising in the L2 atomic units;
-    - one partial per tile (num_tiles × L × params) summed by torch: deterministic, but for 10⁶
-      points, L=10, H=500 that is ~1 GB;
-    - chosen: a persistent grid of P programs (P ≈ 2 × #SMs, capped by the number of tiles and by a
-      memory budget), program p loops over tiles p, p+P, ... and accumulates into its OWN slot of a
-      (P, L·params) buffer by plain load-add-store (no other program touches that slot, so no
-      atomics), then torch sums over P. Deterministic for a given device, memory P·L·params
-      (37 MB for L=10, H=500, D=3 on an H100, float32), and only two extra launches (zero fill,
-      sum). Within one program, the load of a slot element in a later tile may be issued by a
-      different thread than the one that stored it in the previous tile, so a tl.debug_barrier()
-      (CTA barrier: makes the block's global writes visible to the block) closes each tile.
-  Partials are kept in the input dtype (float32 or float64), like the reference's own reductions.
+* Weight gradients (backward): the layout puts each hidden unit of a chunk in one thread and the chunk's
+  BLOCK_N points in that thread's registers (BLOCK_H = 32 · num_warps), so Σ_i over the tile's points
+  (grad W1, b1, W2) is an in-thread FMA chain: no shuffle, no barrier in the hidden loop. Each program
+  adds its sums into its OWN slot of a (P, L, Hp·8 + 4) partial buffer (the packed layout again, plain
+  load-add-store: no atomics, deterministic for a given device and grid), torch sums the P slots. The
+  grid is P = resident programs (SMs × CTAs per SM from the compiled kernel's registers and shared
+  memory), capped by the tiles and by a memory budget; each program walks tiles p, p+P, ... and closes
+  each tile with a barrier (a later tile's loads of a slot must see this tile's stores).
+  tl.dot for these reductions over points was weighed: with D = 3 the (BLOCK_H × BLOCK_N) @ (BLOCK_N × 16)
+  products waste 13/16 of the tensor-core work, need the operands in shared memory (a barrier per chunk)
+  and 3×TF32 splitting (~4 instructions per unit) to stay float32-faithful: more than the ~7 in-thread
+  FMAs per unit they would replace.
 
-* dt is passed as a one-element tensor of the input dtype, not as a Python float: a float kernel
-  argument is float32 under the interpreter whatever the annotation, which would round dt = 1/3
-  to 7 digits in float64 runs.
+* The kinetic sum: each forward program writes Σ_l Σ_{i in tile} |v|² to its own slot of a
+  (num_tiles,) buffer, torch sums it. Deterministic, no atomics, no host sync.
 
-* No autotuning: block sizes come from a small heuristic (_configs) keyed on dtype, H and D. The
-  interpreter cannot autotune, and the backward kernel's read-add-write partials would need
-  resetting between autotuner trials. GPU block sizes were chosen as the largest that compile
-  without register spills for sm_90 (triton.compile + cuobjdump, no GPU needed); not yet timed.
+* dt and the other constants are passed as a small tensor of the input dtype, not as Python floats:
+  a float kernel argument is float32 under the interpreter whatever the annotation.
+
+* Offsets: row offsets and layer strides are int64 (L·N·D may pass 2^31).
+
+* No autotuning: block sizes come from a table (_GPU_TILES, chosen with the kernel report's sweep: no
+  spills for sm_80 / sm_90 with triton 3.6 and 3.9). The interpreter cannot autotune, and the backward
+  kernel's read-add-write partials would need resetting between autotuner trials.
+
+* GPU numerics: approximate exp2 / rcp / lg2 (above), FMA contraction and in-thread sums in a different
+  order than torch's: float32 results differ from the interpreter's by a few ulps of the largest term,
+  summed over L layers; tests/test_triton_gpu.py states its tolerances for that.
 
 Interpreter limitations met (TRITON_INTERPRET=1, triton 3.9):
   - TRITON_INTERPRET=1 must be set before triton is imported, not just before this module: triton
     decorates its own tl.sum, tl.zeros, ... at import, and a compiled-mode one cannot be called from
     an interpreted kernel ("Cannot call @triton.jit'd outside of the scope of a kernel");
     cpu_unavailable_reason() says so instead of failing inside the kernel;
-  - triton.language.extra.libdevice (tanh, log1p) returns None, so tanh and softplus are written
-    with tl.exp / tl.log;
+  - triton.language.extra.libdevice (tanh, log1p) returns None, and inline PTX cannot run: the
+    activations are written with tl.exp2 / tl.log2 / division there (FAST=False);
   - a Python float kernel argument reaches the kernel as a float32 constant (see dt above);
   - tl.reduce with a user combine function runs one Python call per element: only tl.sum is used;
   - the interpreter pays ~1 ms per executed op whatever the block size, so it gets large blocks.
@@ -64,6 +72,7 @@ Interpreter limitations met (TRITON_INTERPRET=1, triton 3.9):
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -71,16 +80,258 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
+from ._common import _load_rows, _store_rows, device_guard, interpreter_reason, pow2
+
 ACTIVATIONS = ("relu", "tanh", "softplus")
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
+FAST_MAX_D = 3  # D <= 3: the per-coordinate fast path; larger D: the generic kernels
+PACK = 8  # floats per hidden unit in the packed weights and in the gradient partials
+# (s_in, s_out) per activation: the kernels see z' = s_in·z and h' = h / s_out (module docstring).
+_SCALES = {"relu": (1.0, 1.0), "tanh": (2.0 / math.log(2.0), 1.0), "softplus": (1.0 / math.log(2.0), math.log(2.0))}
 
-# Upper bound on the elements of the backward pass's per-program gradient partials (P × L·params):
-# 2^25 elements = 128 MiB in float32; P shrinks when L·params is large.
+# Upper bound on the elements of the backward pass's per-program gradient partials (P × L·(8 Hp + 4)):
+# 2^25 elements = 128 MiB in float32; P shrinks when L·H is large.
 _PARTIAL_BUDGET = 1 << 25
 
 
 # ----------------------------------------------------------------------------------------------
-# Device functions
+# Device functions (fast path)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rcp(x, FAST: tl.constexpr):
+    """1/x: one MUFU.RCP for float32 on the GPU (rcp.approx.ftz, ~1 ulp; x >= 1 here, no denormals)."""
+    if FAST and x.dtype == tl.float32:
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        r = 1.0 / x
+    return r
+
+
+@triton.jit
+def _lg2(x, FAST: tl.constexpr):
+    """log2(x) for x in [1, 2]: one MUFU.LG2 for float32 on the GPU (lg2.approx.ftz, abs. error ~2^-22)."""
+    if FAST and x.dtype == tl.float32:
+        r = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        r = tl.log2(x)
+    return r
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr, FAST: tl.constexpr):
+    """h' = ρ(z) / s_out from z' = s_in · z (the scaled units of the packed weights)."""
+    if ACT == 0:
+        h = tl.maximum(z, 0.0)
+    elif ACT == 1:
+        # tanh z = 1 - 2 / (1 + e^{2z}); z' = 2 log2(e) z. e^{2z} = inf gives 1, 0 gives -1: no overflow.
+        h = 1.0 - 2.0 * _rcp(1.0 + tl.exp2(z), FAST)
+    else:
+        # softplus / ln 2 = log2(1 + 2^z'), z' = log2(e) z; above z = 20 torch returns z itself (its
+        # threshold), which also keeps 2^z' finite. Below, 1 + 2^z' rounds to 1 once 2^z' < ulp(1): an
+        # absolute error under ulp(1) · ln 2, as float32 arithmetic on O(1) activations anyway.
+        h = tl.where(z > 20.0 * 1.4426950408889634, z, _lg2(1.0 + tl.exp2(z), FAST))
+    return h
+
+
+@triton.jit
+def _act_and_grad(z, ACT: tl.constexpr, FAST: tl.constexpr):
+    """(h' as _act, ρ'(z) unscaled), sharing the exp2 and the reciprocal."""
+    if ACT == 0:
+        h = tl.maximum(z, 0.0)
+        d = tl.where(z > 0.0, 1.0, 0.0)
+    elif ACT == 1:
+        h = 1.0 - 2.0 * _rcp(1.0 + tl.exp2(z), FAST)
+        d = 1.0 - h * h
+    else:
+        e = tl.exp2(z)
+        u = 1.0 + e
+        big = z > 20.0 * 1.4426950408889634  # torch's threshold: h = z, gradient 1
+        h = tl.where(big, z, _lg2(u, FAST))
+        d = tl.where(big, 1.0, e * _rcp(u, FAST))  # sigmoid(z) = e^z / (1 + e^z), no cancellation
+    return h, d
+
+
+@triton.jit
+def _preact(p, x0, x1, x2, D: tl.constexpr):
+    """z' (BLOCK_N, BLOCK_H) for the packed rows p (BLOCK_H,) of one chunk."""
+    z = tl.load(p + 3)[None, :] + x0[:, None] * tl.load(p)[None, :]
+    if D > 1:
+        z += x1[:, None] * tl.load(p + 1)[None, :]
+    if D > 2:
+        z += x2[:, None] * tl.load(p + 2)[None, :]
+    return z
+
+
+@triton.jit
+def _velocity(wl, HP, x0, x1, x2, b2_l, D: tl.constexpr, ACT: tl.constexpr, BLOCK_H: tl.constexpr,
+              FAST: tl.constexpr):
+    """v_d = Σ_k h'_k w2'_dk + b2_d (BLOCK_N,) per coordinate; elementwise accumulators, reduced once."""
+    a0 = tl.zeros([x0.shape[0], BLOCK_H], dtype=x0.dtype)
+    a1 = tl.zeros([x0.shape[0], BLOCK_H], dtype=x0.dtype)
+    a2 = tl.zeros([x0.shape[0], BLOCK_H], dtype=x0.dtype)
+    p = wl + tl.arange(0, BLOCK_H) * 8
+    for _ in range(0, HP, BLOCK_H):
+        h = _act(_preact(p, x0, x1, x2, D), ACT, FAST)
+        a0 += h * tl.load(p + 4)[None, :]
+        if D > 1:
+            a1 += h * tl.load(p + 5)[None, :]
+        if D > 2:
+            a2 += h * tl.load(p + 6)[None, :]
+        p += BLOCK_H * 8
+    v0 = tl.sum(a0, axis=1) + tl.load(b2_l)
+    v1 = v0
+    v2 = v0
+    if D > 1:
+        v1 = tl.sum(a1, axis=1) + tl.load(b2_l + 1)
+    if D > 2:
+        v2 = tl.sum(a2, axis=1) + tl.load(b2_l + 2)
+    return v0, v1, v2
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels, fast path (D <= 3)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["N"])
+def _euler_flow_fwd_kernel(
+    x_ptr,  # (N, D)
+    wp_ptr,  # (L, Hp, 8) packed, scaled [w1 | b1 | w2 | 0] per hidden unit
+    b2_ptr,  # (L, D)
+    c_ptr,  # (1,) [dt]
+    out_ptr,  # (N, D) x at time 1
+    states_ptr,  # (L, N, D) states[l] = input of block l
+    sq_ptr,  # (num_tiles,) per tile: Σ_l Σ_i |v_l(x_i^l)|²
+    N, L, HP,
+    D: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    STORE_STATES: tl.constexpr, FAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    layer_stride = tl.cast(N, tl.int64) * D
+    dt = tl.load(c_ptr)
+    x0, x1, x2 = _load_rows(x_ptr, rows, row_ok, D)
+    sq = tl.zeros([BLOCK_N], dtype=x0.dtype)
+    for layer in range(L):
+        if STORE_STATES:
+            _store_rows(states_ptr + layer * layer_stride, rows, row_ok, x0, x1, x2, D)
+        v0, v1, v2 = _velocity(wp_ptr + tl.cast(layer, tl.int64) * HP * 8, HP, x0, x1, x2, b2_ptr + layer * D, D, ACT,
+                               BLOCK_H, FAST)
+        # padded rows would add b2-driven velocity to the energy
+        v0 = tl.where(row_ok, v0, 0.0)
+        sq += v0 * v0
+        x0 += dt * v0
+        if D > 1:
+            v1 = tl.where(row_ok, v1, 0.0)
+            sq += v1 * v1
+            x1 += dt * v1
+        if D > 2:
+            v2 = tl.where(row_ok, v2, 0.0)
+            sq += v2 * v2
+            x2 += dt * v2
+    _store_rows(out_ptr, rows, row_ok, x0, x1, x2, D)
+    tl.store(sq_ptr + pid, tl.sum(sq, axis=0))
+
+
+@triton.jit(do_not_specialize=["N", "num_tiles"])
+def _euler_flow_bwd_kernel(
+    gout_ptr,  # (N, D) dLoss/dx_final
+    states_ptr,  # (L, N, D)
+    wp_ptr,  # (L, Hp, 8) packed as for the forward
+    b2_ptr,  # (L, D)
+    c_ptr,  # (3,) [dt, 2 · dLoss/dS, 1 / (s_in · s_out)]
+    gx_ptr,  # (N, D) dLoss/dx
+    part_ptr,  # (P, L, Hp·8 + 4) this program's partial sums: per hidden unit [s_out·gW1 | s_out·gb1 | gW2/s_out | 0],
+               # then gb2 (D) per layer
+    N, L, HP, num_tiles,
+    D: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, FAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_progs = tl.num_programs(0)
+    layer_stride = tl.cast(N, tl.int64) * D
+    per_layer = HP * 8 + 4
+    slot = part_ptr + pid.to(tl.int64) * L * per_layer
+    dt = tl.load(c_ptr)
+    e_coef = tl.load(c_ptr + 1)  # dLoss/dv = 2 · dLoss/dS · v
+    back = tl.load(c_ptr + 2)  # Σ_k gz'_k w1'_k = s_in · s_out · (W1ᵀ gz)
+    units = tl.arange(0, BLOCK_H) * 8
+
+    for tile in range(pid, num_tiles, num_progs):
+        rows = tl.cast(tile, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        g0, g1, g2 = _load_rows(gout_ptr, rows, row_ok, D)  # dLoss/dx^{l+1}
+        for rev in range(L):
+            layer = L - 1 - rev
+            wl = wp_ptr + tl.cast(layer, tl.int64) * HP * 8
+            sl = slot + layer * per_layer
+            x0, x1, x2 = _load_rows(states_ptr + layer * layer_stride, rows, row_ok, D)
+            v0, v1, v2 = _velocity(wl, HP, x0, x1, x2, b2_ptr + layer * D, D, ACT, BLOCK_H, FAST)
+            # gv = dt · g + 2 dL/dS · v; padded rows contribute to no gradient
+            gv0 = tl.where(row_ok, dt * g0 + e_coef * v0, 0.0)
+            gv1 = gv0
+            gv2 = gv0
+            tl.store(sl + HP * 8, tl.load(sl + HP * 8) + tl.sum(gv0, axis=0))
+            if D > 1:
+                gv1 = tl.where(row_ok, dt * g1 + e_coef * v1, 0.0)
+                tl.store(sl + HP * 8 + 1, tl.load(sl + HP * 8 + 1) + tl.sum(gv1, axis=0))
+            if D > 2:
+                gv2 = tl.where(row_ok, dt * g2 + e_coef * v2, 0.0)
+                tl.store(sl + HP * 8 + 2, tl.load(sl + HP * 8 + 2) + tl.sum(gv2, axis=0))
+
+            c0 = tl.zeros([BLOCK_N, BLOCK_H], dtype=x0.dtype)
+            c1 = tl.zeros([BLOCK_N, BLOCK_H], dtype=x0.dtype)
+            c2 = tl.zeros([BLOCK_N, BLOCK_H], dtype=x0.dtype)
+            p = wl + units
+            q = sl + units
+            for _ in range(0, HP, BLOCK_H):
+                w10 = tl.load(p)[None, :]
+                z = tl.load(p + 3)[None, :] + x0[:, None] * w10
+                a = gv0[:, None] * tl.load(p + 4)[None, :]  # s_out · (W2ᵀ gv)
+                w11 = w10
+                w12 = w10
+                if D > 1:
+                    w11 = tl.load(p + 1)[None, :]
+                    z += x1[:, None] * w11
+                    a += gv1[:, None] * tl.load(p + 5)[None, :]
+                if D > 2:
+                    w12 = tl.load(p + 2)[None, :]
+                    z += x2[:, None] * w12
+                    a += gv2[:, None] * tl.load(p + 6)[None, :]
+                h, dh = _act_and_grad(z, ACT, FAST)
+                gz = a * dh  # s_out · dLoss/dz
+                # W1ᵀ gz, elementwise over the chunk, reduced over H after the loop
+                c0 += gz * w10
+                # Σ over the tile's points: in-thread (each thread holds all BLOCK_N points of its units)
+                tl.store(q, tl.load(q) + tl.sum(gz * x0[:, None], axis=0))
+                tl.store(q + 3, tl.load(q + 3) + tl.sum(gz, axis=0))
+                tl.store(q + 4, tl.load(q + 4) + tl.sum(h * gv0[:, None], axis=0))
+                if D > 1:
+                    c1 += gz * w11
+                    tl.store(q + 1, tl.load(q + 1) + tl.sum(gz * x1[:, None], axis=0))
+                    tl.store(q + 5, tl.load(q + 5) + tl.sum(h * gv1[:, None], axis=0))
+                if D > 2:
+                    c2 += gz * w12
+                    tl.store(q + 2, tl.load(q + 2) + tl.sum(gz * x2[:, None], axis=0))
+                    tl.store(q + 6, tl.load(q + 6) + tl.sum(h * gv2[:, None], axis=0))
+                p += BLOCK_H * 8
+                q += BLOCK_H * 8
+            g0 += back * tl.sum(c0, axis=1)
+            if D > 1:
+                g1 += back * tl.sum(c1, axis=1)
+            if D > 2:
+                g2 += back * tl.sum(c2, axis=1)
+        _store_rows(gx_ptr, rows, row_ok, g0, g1, g2, D)
+        # The next tile reads back the partials stored above, possibly from other threads.
+        tl.debug_barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels, generic path (any D; used for D > 3)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -128,7 +379,7 @@ def _load_chunk(w1_ptr, b1_ptr, w2_ptr, h0, H, D, BLOCK_H: tl.constexpr, BLOCK_D
 
 
 @triton.jit
-def _velocity(
+def _velocity_g(
     x,  # (BLOCK_N, BLOCK_D) registers, zero in padded columns
     w1_ptr, b1_ptr, w2_ptr, b2_ptr,  # one layer's parameters
     H, D,
@@ -147,13 +398,10 @@ def _velocity(
     return v
 
 
-# ----------------------------------------------------------------------------------------------
-# Kernels
-# ----------------------------------------------------------------------------------------------
 
 
 @triton.jit(do_not_specialize=["N"])
-def _euler_flow_fwd_kernel(
+def _euler_flow_fwd_generic(
     x_ptr,  # (N, D)
     w1_ptr,  # (L, H, D)
     b1_ptr,  # (L, H)
@@ -181,7 +429,7 @@ def _euler_flow_fwd_kernel(
     for layer in range(L):
         if STORE_STATES:
             tl.store(states_ptr + layer * layer_stride + offs, x, mask=mask)
-        v = _velocity(
+        v = _velocity_g(
             x, w1_ptr + layer * H * D, b1_ptr + layer * H, w2_ptr + layer * D * H, b2_ptr + layer * D,
             H, D, ACT, BLOCK_H, BLOCK_D,
         )
@@ -193,7 +441,7 @@ def _euler_flow_fwd_kernel(
 
 
 @triton.jit(do_not_specialize=["N", "num_tiles"])
-def _euler_flow_bwd_kernel(
+def _euler_flow_bwd_generic(
     gout_ptr,  # (N, D) dLoss/dx_final
     gs_ptr,  # (1,) dLoss/dS, S = Σ_l Σ_i |v_l(x_i^l)|² (the kinetic sum)
     states_ptr,  # (L, N, D)
@@ -237,7 +485,7 @@ def _euler_flow_bwd_kernel(
             b1_l = b1_ptr + layer * H
             w2_l = w2_ptr + layer * D * H
             x = tl.load(states_ptr + layer * layer_stride + offs, mask=mask, other=0.0)
-            v = _velocity(x, w1_l, b1_l, w2_l, b2_ptr + layer * D, H, D, ACT, BLOCK_H, BLOCK_D)
+            v = _velocity_g(x, w1_l, b1_l, w2_l, b2_ptr + layer * D, H, D, ACT, BLOCK_H, BLOCK_D)
             gv = dt * g + e_coef * v
             gv = tl.where(row_ok[:, None], gv, 0.0)  # padded rows contribute to no gradient
 
@@ -289,17 +537,7 @@ _LIBRARY_INTERPRETED = isinstance(tl.standard.sum, InterpretedFunction)
 
 def cpu_unavailable_reason() -> str | None:
     """Why these kernels cannot take CPU tensors in this process, or None when they can (interpreter)."""
-    if _INTERPRETED and _LIBRARY_INTERPRETED:
-        return None
-    if not _INTERPRETED:
-        return (
-            "the Triton euler_flow kernels were compiled for the GPU: move the tensors to a CUDA device, or set "
-            "TRITON_INTERPRET=1 in the environment before Python starts (Triton's slow CPU interpreter)"
-        )
-    return (
-        "TRITON_INTERPRET=1 was set after triton was imported, so triton's own library functions were built "
-        "for the GPU: set TRITON_INTERPRET=1 in the environment before Python starts"
-    )
+    return interpreter_reason("euler_flow", _INTERPRETED, _LIBRARY_INTERPRETED)
 
 
 def _check_device(t: Tensor) -> None:
@@ -309,31 +547,70 @@ def _check_device(t: Tensor) -> None:
             raise RuntimeError(f"euler_flow (triton) got CPU tensors, but {reason}")
 
 
-def _pow2(n: int) -> int:
-    return max(2, triton.next_power_of_2(max(int(n), 1)))
+# Fast-path GPU tiles (D <= 3): (BLOCK_N, BLOCK_H, num_warps) per (pass, dtype[, activation]). Both passes use
+# BLOCK_H = 8: Triton's default layout then puts 8 lanes along the hidden units and 4 lanes (× warps) along the
+# points, every thread holding BLOCK_N / (4 · warps) points. The forward's one reduction over H (after the
+# hidden loop) is 3 shuffle rounds; the backward's sums over points (inside it) are in-thread FMAs and 2
+# shuffle rounds, with one warp so that they never cross warps (no barrier). BLOCK_H = 32 · warps (every
+# thread one hidden unit, no shuffle at all in the loop) was weighed for the backward: its per-layer
+# reductions over H cross all the lanes and warps, ~33 instructions per (point, hidden unit) more at H = 500.
+# Chosen with `python benchmarks/kernel_report.py --sweep flow_fwd|flow_bwd` (D = 3, sm_90, triton 3.6 and
+# 3.9): the fewest SASS instructions per unit (innermost loops + the per-layer work around them) without
+# spills, fewer registers when the difference is under ~10%; then checked without spills on sm_80 and
+# sm_90 with both tritons by the full report. Not timed: no GPU on the build machine.
+_GPU_TILES = {
+    ("fwd", torch.float32): (128, 8, 2),  # 16 points per thread, ~146 registers
+    ("bwd", torch.float32): (64, 8, 1),  # 16 points per thread, ~220-240 registers
+    ("fwd", torch.float64): (32, 8, 1),  # 8 points per thread
+    ("bwd", torch.float64): (32, 8, 1),  # 8 points per thread
+}
+# Where one activation needs another tile: the report found spills (4-16 B, D = 2 on sm_80) with the default
+# tiles for tanh (float32) and softplus (float64, libdevice's log1p/exp take more registers).
+_GPU_TILES_ACT: dict[tuple[str, torch.dtype, str], tuple[int, int, int]] = {
+    ("bwd", torch.float32, "tanh"): (32, 8, 1),
+    ("bwd", torch.float64, "softplus"): (16, 8, 1),
+}
 
 
-def _configs(n: int, width: int, dim: int, dtype: torch.dtype, backward: bool) -> tuple[int, int, int, int]:
+def _configs(n: int, width: int, dim: int, dtype: torch.dtype, backward: bool,
+             activation: str = "relu") -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_H, BLOCK_D, num_warps) for N points, hidden width H and dimension D."""
-    block_d = _pow2(dim)
+    block_d = pow2(dim)
     if _INTERPRETED:
         # The interpreter pays ~1 ms per executed op whatever the block size: big blocks, few
         # tiles and H-chunks. (Tests force small blocks to exercise the tile and chunk loops.)
-        return min(64, _pow2(n)), min(64, _pow2(width)), block_d, 1
-    # GPU: the largest blocks that compile without register spills for sm_90 at D <= 4, 4 warps
-    # (checked offline with triton.compile + cuobjdump --dump-resource-usage: fp32 forward 64x32
-    # 213 registers, backward 32x32 204; fp64 forward 32x16 216, backward 16x16 224). The cap on
-    # the (BLOCK_N, BLOCK_H, BLOCK_D) register block keeps that bound for larger D.
-    wide = dtype == torch.float64
-    block_n, block_h = ((16, 16) if wide else (32, 32)) if backward else ((32, 16) if wide else (64, 32))
-    cap = block_n * block_h * 4
-    block_n = min(block_n, _pow2(n))
-    block_h = min(block_h, _pow2(width))
-    while block_n * block_h * block_d > cap and block_h > 2:
-        block_h //= 2
-    while block_n * block_h * block_d > cap and block_n > 2:
+        return min(64, pow2(n)), min(64, pow2(width)), block_d, 1
+    if dim > FAST_MAX_D:
+        # Generic path: blocks that compile without spills for sm_80 and sm_90 at D = 4 with both tritons (the
+        # kernel report; the backward spills a few bytes at 16 x 16 and 4 warps, and at 8 x 8 with 1 warp),
+        # capped on the (BLOCK_N, BLOCK_H, BLOCK_D) register block for larger D.
+        wide = dtype == torch.float64
+        block_n, block_h = (16, 8) if backward else ((32, 16) if wide else (64, 32))
+        cap = block_n * block_h * 4
+        block_n = min(block_n, pow2(n))
+        block_h = min(block_h, pow2(width))
+        while block_n * block_h * block_d > cap and block_h > 2:
+            block_h //= 2
+        while block_n * block_h * block_d > cap and block_n > 2:
+            block_n //= 2
+        return block_n, block_h, block_d, 2 if backward else 4
+    key = ("bwd" if backward else "fwd", dtype)
+    block_n, block_h, warps = _GPU_TILES_ACT.get((*key, activation), _GPU_TILES[key])
+    while block_n > 4 * warps and block_n // 2 >= n:  # small clouds: fewer idle rows
         block_n //= 2
-    return block_n, block_h, block_d, 4
+    warps = max(1, min(warps, block_n // 4))
+    return block_n, block_h, block_d, warps
+
+
+def _pack_weights(weight1: Tensor, bias1: Tensor, weight2: Tensor, activation: str, block_h: int) -> Tensor:
+    """(L, Hp, 8) [s_in·w1 (3) | s_in·b1 | s_out·w2 (3) | 0] per hidden unit, Hp = H rounded up to whole chunks."""
+    layers, width, dim = weight1.shape
+    s_in, s_out = _SCALES[activation]
+    wp = weight1.new_zeros((layers, triton.cdiv(width, block_h) * block_h, PACK))
+    wp[:, :width, :dim] = weight1 * s_in
+    wp[:, :width, 3] = bias1 * s_in
+    wp[:, :width, 4:4 + dim] = weight2.transpose(1, 2) * s_out
+    return wp
 
 
 def _check(name: str, t: Tensor, shape: tuple[int, ...], like: Tensor) -> None:
@@ -377,7 +654,7 @@ def forward(
     block_h: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # (N, D), (L, N, D) or (0, N, D), ()
     """The fused flow: (x at time 1, states with states[l] = input of block l (empty unless save_states),
-    the kinetic sum S = Σ_l Σ_i |v_l(x_i^l)|²): the launcher contract of fastlddmm/ops/euler_flow.
+    the kinetic sum S = Σ_l Σ_i |v_l(x_i^l)|²): the launcher contract of fastlddmm/ops/flow.
 
     Contiguous tensors of one dtype (float32 or float64) on a CUDA device, or on the CPU under
     TRITON_INTERPRET=1. block_n / block_h override the tile sizes (powers of two; for tests).
@@ -388,17 +665,28 @@ def forward(
     states = x.new_empty((layers if save_states else 0, n, dim))
     if layers == 0:
         return x.clone(), states, x.new_zeros(())
-    bn, bh, bd, warps = _configs(n, width, dim, x.dtype, backward=False)
+    bn, bh, bd, warps = _configs(n, width, dim, x.dtype, backward=False, activation=activation)
     bn, bh = block_n or bn, block_h or bh
     num_tiles = triton.cdiv(n, bn)
     out = torch.empty_like(x)
     sq = x.new_empty((num_tiles,))
-    dt_t = torch.full((1,), float(dt), dtype=x.dtype, device=x.device)  # see the module docstring
-    _euler_flow_fwd_kernel[(num_tiles,)](
-        x, weight1, bias1, weight2, bias2, dt_t, out, states if save_states else out, sq,
-        n, layers, width, dim,
-        ACT=_ACT_CODE[activation], BLOCK_N=bn, BLOCK_H=bh, BLOCK_D=bd, STORE_STATES=save_states, num_warps=warps,
-    )
+    with device_guard(x):
+        if dim > FAST_MAX_D:
+            dt_t = torch.full((1,), float(dt), dtype=x.dtype, device=x.device)  # see the module docstring
+            _euler_flow_fwd_generic[(num_tiles,)](
+                x, weight1, bias1, weight2, bias2, dt_t, out, states if save_states else out, sq,
+                n, layers, width, dim,
+                ACT=_ACT_CODE[activation], BLOCK_N=bn, BLOCK_H=bh, BLOCK_D=bd, STORE_STATES=save_states,
+                num_warps=warps,
+            )
+        else:
+            wp = _pack_weights(weight1, bias1, weight2, activation, bh)
+            consts = torch.full((1,), float(dt), dtype=x.dtype, device=x.device)
+            _euler_flow_fwd_kernel[(num_tiles,)](
+                x, wp, bias2, consts, out, states if save_states else out, sq, n, layers, wp.shape[1],
+                D=dim, ACT=_ACT_CODE[activation], BLOCK_N=bn, BLOCK_H=bh, STORE_STATES=save_states,
+                FAST=not _INTERPRETED, num_warps=warps,
+            )
     return out, states, sq.sum()
 
 
@@ -407,12 +695,35 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _num_programs(num_tiles: int, per_slot: int, device: torch.device) -> int:
+@functools.lru_cache(maxsize=None)
+def _programs_per_sm(device: torch.device, n_regs: int, shared: int, warps: int) -> int:
+    """CTAs of this kernel resident on one SM: limited by registers (allocated per warp in units of 256),
+    shared memory, threads and the 32-CTA cap."""
+    props = torch.cuda.get_device_properties(device)
+    regs_per_sm = getattr(props, "regs_per_multiprocessor", 65536)
+    threads_per_sm = getattr(props, "max_threads_per_multi_processor", 2048)
+    smem_per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    per_warp = -(-max(n_regs, 1) * 32 // 256) * 256
+    by_regs = regs_per_sm // (per_warp * warps)
+    by_smem = smem_per_sm // shared if shared else 32
+    return max(1, min(by_regs, by_smem, threads_per_sm // (32 * warps), 32))
+
+
+def _num_programs(num_tiles: int, per_slot: int, device: torch.device, compiled=None, warps: int = 4) -> int:
+    """The backward's grid: the programs that fit on the GPU at once (so every SM is busy and no slot
+    waits for a second wave), capped by the tiles and by the partials' memory budget."""
     if _INTERPRETED or device.type != "cuda":
         # Two programs: enough to exercise the grid-stride loop and the sum over partials.
         return min(num_tiles, 2)
-    sms = _sm_count(device)
-    return max(1, min(num_tiles, 2 * sms, _PARTIAL_BUDGET // max(per_slot, 1)))
+    per_sm = 2
+    if compiled is not None:
+        try:
+            compiled._init_handles()  # loads the module: fills n_regs
+            per_sm = _programs_per_sm(device, int(compiled.n_regs), int(compiled.metadata.shared), warps)
+        except Exception:  # noqa: BLE001 - only the grid size depends on it: keep the conservative default
+            per_sm = 2
+    resident = per_sm * _sm_count(device)
+    return max(1, min(num_tiles, resident, _PARTIAL_BUDGET // max(per_slot, 1)))
 
 
 def backward(
@@ -455,17 +766,58 @@ def backward(
     if layers == 0:
         return (grad_x_final.clone(), torch.zeros_like(weight1), torch.zeros_like(bias1),
                 torch.zeros_like(weight2), torch.zeros_like(bias2))
-    bn, bh, bd, warps = _configs(n, width, dim, states.dtype, backward=True)
+    bn, bh, bd, warps = _configs(n, width, dim, states.dtype, backward=True, activation=activation)
     bn, bh = block_n or bn, block_h or bh
     num_tiles = triton.cdiv(n, bn)
+    with device_guard(like):
+        if dim > FAST_MAX_D:
+            return _backward_generic(grad_x_final, gs, states, weight1, bias1, weight2, bias2, dt, activation,
+                                     bn, bh, bd, warps, num_tiles, num_programs)
+        wp = _pack_weights(weight1, bias1, weight2, activation, bh)
+        hp = wp.shape[1]
+        per_layer = hp * PACK + 4
+        s_in, s_out = _SCALES[activation]
+        # [dt, 2 dL/dS, 1/(s_in s_out)], built on the device (no host sync on gs)
+        consts = torch.cat([torch.full((1,), float(dt), dtype=like.dtype, device=like.device), 2 * gs,
+                            torch.full((1,), 1.0 / (s_in * s_out), dtype=like.dtype, device=like.device)])
+        grad_x = torch.empty_like(grad_x_final)
+        meta = dict(D=dim, ACT=_ACT_CODE[activation], BLOCK_N=bn, BLOCK_H=bh, FAST=not _INTERPRETED, num_warps=warps)
+        progs = num_programs
+        if progs is None:
+            compiled = None
+            if not _INTERPRETED and like.device.type == "cuda":
+                compiled = _euler_flow_bwd_kernel.warmup(
+                    grad_x_final, states, wp, bias2, consts, grad_x, wp, n, layers, hp, num_tiles, grid=(1,), **meta
+                )
+            progs = _num_programs(num_tiles, layers * per_layer, like.device, compiled, warps)
+        progs = max(1, min(progs, num_tiles))
+        partials = states.new_zeros((progs, layers, per_layer))
+        _euler_flow_bwd_kernel[(progs,)](
+            grad_x_final, states, wp, bias2, consts, grad_x, partials, n, layers, hp, num_tiles, **meta
+        )
+    total = partials.sum(0) if progs > 1 else partials[0]  # (L, Hp·8 + 4)
+    units = total[:, : hp * PACK].view(layers, hp, PACK)[:, :width]
+    # Undo the packing's scales (module docstring); separate tensors: outputs of a torch.library op must not alias.
+    return (
+        grad_x,
+        (units[:, :, :dim] / s_out).contiguous(),
+        (units[:, :, 3] / s_out).contiguous(),
+        (units[:, :, 4:4 + dim] * s_out).transpose(1, 2).contiguous(),
+        total[:, hp * PACK: hp * PACK + dim].contiguous(),
+    )
+
+
+def _backward_generic(grad_x_final, gs, states, weight1, bias1, weight2, bias2, dt, activation, bn, bh, bd, warps,
+                      num_tiles, num_programs):
+    layers, n, dim = states.shape
+    width = weight1.shape[1]
     per_layer = 2 * width * dim + width + dim
     progs = num_programs or _num_programs(num_tiles, layers * per_layer, states.device)
     progs = max(1, min(progs, num_tiles))
-
     grad_x = torch.empty_like(grad_x_final)
     partials = states.new_zeros((progs, layers * per_layer))
     dt_t = torch.full((1,), float(dt), dtype=states.dtype, device=states.device)
-    _euler_flow_bwd_kernel[(progs,)](
+    _euler_flow_bwd_generic[(progs,)](
         grad_x_final, gs, states, weight1, bias1, weight2, bias2, dt_t, grad_x, partials,
         n, layers, width, dim, num_tiles,
         ACT=_ACT_CODE[activation], BLOCK_N=bn, BLOCK_H=bh, BLOCK_D=bd, num_warps=warps,

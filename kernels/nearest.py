@@ -1,16 +1,20 @@
 """Triton kernel of the streaming nearest-neighbour search: j*_i = argmin_j |x_i - y_j|², then the launcher.
 
-Ground truth: fastlddmm/reference/distances.py (``nearest``). Only the index is computed here;
-fastlddmm.distances recomputes |x_i - y_{j*}|² in PyTorch from it (values and gradients of the
-reference whenever the same neighbour is found), so there is no backward kernel.
+Ground truth: fastlddmm/ops/nearest/reference.py. Only the index is computed here; the front-ends
+recompute |x_i - y_{j*}|² in PyTorch from it (values and gradients of the reference whenever the same
+neighbour is found), so there is no backward kernel.
 
-Design (same choices as kernels/softmin.py, see there):
+Design (the choices of kernels/softmin.py, see there):
 * one program = BLOCK_N rows of x (grid axis 1: batch item), walking y in tiles of BLOCK_M with a
-  running (min, argmin); nothing of size N × M is stored;
+  running (min, argmin) per row; nothing of size N × M is stored;
+* D = 1, 2, 3 (constexpr): one (BLOCK_M, BLOCK_N) tile per coordinate, the y axis inside each thread,
+  so the tile's min and argmin over j are in-thread compares (no shuffle, no barrier); y is packed by
+  the launcher as (B, Mp, 4) rows padded to whole tiles with +inf coordinates (never nearest, no masks
+  in the loop). Larger D: the generic (BLOCK_N, BLOCK_M, BLOCK_D) kernel;
 * squared distances from coordinate differences, not |x|² + |y|² - 2 x·y (exact far from the origin);
 * ties: the smallest j wins, within a tile (min over the j that reach the tile's minimum, not
-  tl.argmin, whose GPU tie-break is unspecified) and across tiles (a later tile must be strictly
-  better). NaN distances are never selected unless the whole row is NaN (then index 0).
+  tl.argmin, whose tie-break is unspecified) and across tiles (a later tile must be strictly better).
+  NaN distances are never selected unless the whole row is NaN (then index 0).
 """
 
 from __future__ import annotations
@@ -20,11 +24,44 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .softmin import _check_device, configs, cpu_unavailable_reason  # noqa: F401  (the dispatch table asks)
+from ._common import _load_packed, _load_rows, device_guard
+from .softmin import FAST_MAX_D, _check_device, _diffs, _pack, configs, cpu_unavailable_reason  # noqa: F401
+
+
+@triton.jit(do_not_specialize=["N", "MP"])
+def _nearest_kernel(
+    x_ptr,  # (B, N, D)
+    yp_ptr,  # (B, Mp, 4) packed y, padded with +inf
+    index_ptr,  # (B, N) int64 out
+    N, MP,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    x_ptr += batch * N * D
+    yp_ptr += batch * MP * 4
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    x0, x1, x2 = _load_rows(x_ptr, rows, row_ok, D)
+    local = tl.arange(0, BLOCK_M)
+    offs = local * 4
+
+    best = tl.full([BLOCK_N], float("inf"), x0.dtype)
+    best_j = tl.zeros([BLOCK_N], tl.int32)
+    for start in range(0, MP, BLOCK_M):
+        y0, y1, y2 = _load_packed(yp_ptr, offs, D)
+        _, _, _, d2 = _diffs(x0[None, :], x1[None, :], x2[None, :], y0[:, None], y1[:, None], y2[:, None], D)
+        tile_min = tl.min(d2, axis=0)  # NaN never wins a min (unless all are NaN: then no j matches below)
+        tile_j = tl.min(tl.where(d2 == tile_min[None, :], local[:, None], BLOCK_M), axis=0)
+        better = tile_min < best
+        best_j = tl.where(better, start + tile_j, best_j)
+        best = tl.where(better, tile_min, best)
+        yp_ptr += BLOCK_M * 4
+    tl.store(index_ptr + batch * N + rows, best_j.to(tl.int64), mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["N", "M"])
-def _nearest_kernel(
+def _nearest_generic(
     x_ptr,  # (B, N, D)
     y_ptr,  # (B, M, D)
     index_ptr,  # (B, N) int64 out
@@ -87,7 +124,16 @@ def nearest_index(
     if batch and n:
         bn, bm, bd, warps = configs("nearest", n, m, dim, x.dtype)
         bn, bm = block_n or bn, block_m or bm
-        _nearest_kernel[(triton.cdiv(n, bn), batch)](
-            x, y, index, n, m, dim, BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, num_warps=warps
-        )
+        with device_guard(x):
+            if dim > FAST_MAX_D:
+                _nearest_generic[(triton.cdiv(n, bn), batch)](
+                    x, y, index, n, m, dim, BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, num_warps=warps
+                )
+            else:
+                if m >= 2**31 - bm:
+                    raise ValueError(f"the Triton nearest kernel indexes y with int32: M = {m} is too large")
+                yp = _pack(y, [], 4, bm, [(c, float("inf")) for c in range(dim)])
+                _nearest_kernel[(triton.cdiv(n, bn), batch)](
+                    x, yp, index, n, yp.shape[1], D=dim, BLOCK_N=bn, BLOCK_M=bm, num_warps=warps
+                )
     return index[0] if squeeze else index

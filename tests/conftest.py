@@ -1,4 +1,11 @@
-"""Shared test helpers: assert_close that says where tensors disagree, flow parameters, devices."""
+"""Shared test helpers: assert_close that says where tensors disagree, flow parameters, random points, and
+the parametrisation of an op's tests over the backends the dispatch table lists for it.
+
+An op's tests run once per (backend, device) of ``backend_cases(op)``: every backend of
+``fastlddmm.dispatch.TABLE[op]`` on every device type its entry takes (CUDA ones marked ``gpu``), as
+pytorch_scatter's tests run once per device. ``require_backend`` then skips, with the dispatch table's own
+reason (why, and what would make it run), the cases this machine cannot run.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ from torch import Tensor
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastlddmm import dispatch
+from fastlddmm import dispatch  # noqa: E402  (after TRITON_INTERPRET)
 
 
 def _describe(index: tuple[int, ...]) -> str:
@@ -55,6 +62,17 @@ def assert_close(actual: Tensor, expected: Tensor, *, rtol: float, atol: float, 
     raise AssertionError("\n".join(lines))
 
 
+def assert_close_to_max(actual: Tensor, expected: Tensor, tol: float, name: str = "tensor") -> None:
+    """|actual - expected| <= tol · (|expected| + max |expected|) everywhere, compared in float64: for sums
+    whose rounding error scales with their largest terms, not with each entry (soft-mins, gradients).
+    An expected tensor of zeros (a gradient that cancels exactly, e.g. a soft-max over one point) is compared
+    to the absolute tolerance tol: the inputs of these tests are O(1), so is the rounding of the cancelling terms."""
+    expected = expected.detach().double()
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    scale = scale if scale > 0 else 1.0
+    assert_close(actual.detach().double(), expected, rtol=tol, atol=tol * scale, name=name)
+
+
 def flow_params(layers: int, width: int, dim: int, *, dtype=torch.float64, device="cpu", seed: int = 0,
                 requires_grad: bool = False) -> list[Tensor]:
     """Random (weight1, bias1, weight2, bias2) with non-trivial but tame velocities (|dt·v| ~ 0.1):
@@ -74,15 +92,73 @@ def random_points(*shape: int, dtype=torch.float64, device="cpu", seed: int = 1,
     return x.to(device=device, dtype=dtype).requires_grad_(requires_grad)
 
 
-def backend_device(backend: str) -> torch.device:
-    """Where a backend's tensors live: 'cuda' needs a GPU, 'triton' uses one when there is one."""
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
+def clouds(n: int, m: int, dim: int = 3, *, batch: int | None = None, dtype=torch.float64, device="cpu",
+           seed: int = 0, offset: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Two random clouds x (…, n, dim) ~ N(offset, 1) and y (…, m, dim) ~ N(offset + 0.3, 0.8²), drawn in
+    float64 then cast (so float32 and float64 cases hold the same points up to rounding)."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = () if batch is None else (batch,)
+    x = torch.randn(*shape, n, dim, generator=gen, dtype=torch.float64) + offset
+    y = torch.randn(*shape, m, dim, generator=gen, dtype=torch.float64) * 0.8 + 0.3 + offset
+    return x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)
 
 
-def require_backend(backend: str) -> None:
-    """Skips (saying what would make the test run) unless ``backend`` is usable here."""
-    st = dispatch.status(backend)
-    if not st.available:
-        pytest.skip(f"backend {backend!r} unavailable: {st.reason}")
+# ------------------------------------------------------------------------------------------------
+# Backends of an op, from the dispatch table
+# ------------------------------------------------------------------------------------------------
+
+GPU_REASON = "needs a CUDA GPU (torch sees none here): run `pytest -m gpu` on a machine with one"
+
+# The Triton interpreter pays ~1 ms per executed op: CPU-interpreted Triton gets the cases up to this many
+# points (per batch item and side); the larger ones run compiled on a GPU (the same case, device "cuda").
+INTERPRETER_MAX_POINTS = 64
+
+# KeOps compiles every new formula (reduction, point dimension, dtype, differentiated variable) with g++ on
+# first use, ~15 s each on a 2-core CPU, then caches it on disk. CI starts with an empty cache, so the
+# suite keeps KeOps to a fixed set of formulas (the ones each test file names); FASTLDDMM_TEST_KEOPS_ALL=1
+# runs the other combinations too.
+KEOPS_ALL = os.environ.get("FASTLDDMM_TEST_KEOPS_ALL", "0") not in ("", "0")
+
+
+def backend_cases(op: str, *, exclude: tuple[str, ...] = (), devices: tuple[str, ...] = ("cpu", "cuda")) -> list:
+    """pytest params ``(backend, device)``: every backend of ``op`` in the dispatch table, on every device
+    type its table entry takes (CPU first), ids like "keops-cpu"; the CUDA cases are marked ``gpu``."""
+    cases = []
+    for device in devices:
+        for name in dispatch.backends_for(op):
+            if name in exclude or device not in dispatch.TABLE[op][name].devices:
+                continue
+            marks = (pytest.mark.gpu,) if device == "cuda" else ()
+            cases.append(pytest.param(name, device, id=f"{name}-{device}", marks=marks))
+    return cases
+
+
+def require_backend(op: str, backend: str, device: str = "cpu", *, dtype: torch.dtype = torch.float64,
+                    dim: int = 3, **problem) -> torch.device:
+    """Skips, saying why and what would make the test run, unless ``backend`` can run ``op`` here on
+    ``device`` tensors of this dtype and dimension (dispatch.why_not); returns the device."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip(GPU_REASON)
+    reason = dispatch.why_not(op, backend, dispatch.Problem(device=device, dtype=dtype, dim=dim, **problem))
+    if reason is not None:
+        pytest.skip(reason)
+    return torch.device(device)
+
+
+def interpreted(backend: str, device) -> bool:
+    """Whether this case runs in Triton's (slow) CPU interpreter."""
+    return backend == "triton" and torch.device(device).type == "cpu"
+
+
+def skip_if_interpreted(backend: str, device, points: int, limit: int = INTERPRETER_MAX_POINTS) -> None:
+    """Skips cases with more than ``limit`` points under the Triton interpreter (they run on a GPU)."""
+    if interpreted(backend, device) and points > limit:
+        pytest.skip(f"{points} points are too slow for Triton's CPU interpreter (TRITON_INTERPRET=1): this case "
+                    "runs compiled on a GPU (`pytest -m gpu`, device cuda)")
+
+
+def keops_formula(backend: str, compiled: bool, what: str) -> None:
+    """Skips a KeOps case that would compile a formula outside the suite's set (see KEOPS_ALL)."""
+    if backend == "keops" and not compiled and not KEOPS_ALL:
+        pytest.skip(f"KeOps would compile another formula for {what} (~15 s with g++ on 2 cores, then cached): "
+                    "the suite keeps KeOps to a fixed set; FASTLDDMM_TEST_KEOPS_ALL=1 runs it")

@@ -61,7 +61,7 @@ def test_batch_runs_the_pairs_on_a_running_cluster_and_leaves_it_up(cluster, tmp
     cmd = [sys.executable, "-m", "fastlddmm", "batch", str(tmp_path / "pairs.csv"), "-o", str(tmp_path / "out"),
            "--address", address, "--engine", "ray", "--steps", "3", "--width", "8", "--layers", "2",
            "--data-term", "chamfer", "--no-pictures", "-q"]
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     with (tmp_path / "out" / "summary.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))

@@ -284,19 +284,75 @@ def test_demo_runs_the_face(tmp_path, capsys):
     assert "--force" in _one_error_line(capsys.readouterr().err)
 
 
-def test_digits_calls_the_image_module(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def fake_digits(monkeypatch):
+    """Replace fastlddmm.image.digits by a module whose run() records its keyword arguments."""
     calls = []
     fake = types.ModuleType("fastlddmm.image.digits")
-    fake.run = lambda **kwargs: calls.append(kwargs) or {"dice": 0.9}
+    fake.run = lambda **kwargs: calls.append(kwargs) or {"5": {"ssd_after": 0.1}}
     import fastlddmm.image as image
 
     monkeypatch.setattr(image, "digits", fake, raising=False)
     monkeypatch.setitem(sys.modules, "fastlddmm.image.digits", fake)
+    return fake, calls
+
+
+def test_digits_calls_the_image_module(tmp_path, fake_digits, capsys):
+    _, calls = fake_digits
     out = tmp_path / "d"
     assert cli.main(["digits", "--train", "5", "--eval", "5", "7", "-o", str(out), "-q"]) == 0
+    # no option given: the module's defaults (shared weights, its iterations, threads from the load)
     assert calls == [{"train": [5], "eval": [5, 7], "out_dir": out, "seed": 0, "progress": False}]
     assert cli.main(["digits", "--train", "12", "--eval", "5", "-o", str(out)]) == 2
     assert "expected a digit 0-9" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("options,expected", [
+    (["--steps", "40"], {"steps": 40}),
+    (["--seconds", "300"], {"seconds": 300.0}),
+    (["--seconds", "2.5", "--independent"], {"seconds": 2.5, "shared": False}),
+    (["--independent"], {"shared": False}),
+    (["--threads", "3"], {"threads": 3}),
+    (["--steps", "7", "--threads", "1", "--independent", "--seed", "4"], {"steps": 7, "threads": 1, "shared": False,
+                                                                          "seed": 4}),
+])
+def test_digits_options_reach_the_module(tmp_path, fake_digits, options, expected):
+    _, calls = fake_digits
+    out = tmp_path / "d"
+    assert cli.main(["digits", "--train", "5", "--eval", "7", "-o", str(out), "-q", *options]) == 0
+    assert calls == [{"train": [5], "eval": [7], "out_dir": out, "seed": 0, "progress": False, **expected}]
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--seconds", "0"], "expected a positive finite number"),
+    (["--seconds", "-3"], "expected a positive finite number"),
+    (["--seconds", "inf"], "expected a positive finite number"),
+    (["--seconds", "nan"], "expected a positive finite number"),
+    (["--seconds", "soon"], "expected a positive number"),
+    (["--steps", "0"], "expected a positive integer"),
+    (["--steps", "1.5"], "expected a positive integer"),
+    (["--threads", "0"], "expected a positive integer"),
+    (["--threads", "two"], "expected a positive integer"),
+    (["--steps", "10", "--seconds", "5"], "not allowed with argument"),
+    (["--independent", "yes"], "unrecognized arguments"),
+])
+def test_digits_bad_options_are_one_line_usage_errors(tmp_path, fake_digits, capsys, options, message):
+    _, calls = fake_digits
+    assert cli.main(["digits", "--train", "5", "--eval", "5", "-o", str(tmp_path / "d"), *options]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert message in line
+    assert calls == []  # refused before anything ran
+
+
+def test_digits_module_errors_are_one_line_usage_errors(tmp_path, fake_digits, capsys):
+    fake, _ = fake_digits
+
+    def refuse(**kwargs):
+        raise ValueError("seconds must be a positive number or None, got 0\nsecond line")
+
+    fake.run = refuse
+    assert cli.main(["digits", "--train", "5", "--eval", "5", "-o", str(tmp_path / "d")]) == 2
+    assert "seconds must be a positive number" in _one_error_line(capsys.readouterr().err)
 
 
 def test_bench_prints_ratios_against_the_reference(monkeypatch, capsys):
@@ -323,10 +379,11 @@ def test_python_dash_m_subprocess(tmp_path):
     env.pop("FASTLDDMM_DEBUG", None)
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "fastlddmm", "register", str(src_file), str(tgt_file), "-o", str(out),
-                          "--no-pictures", "-q", *TINY], capture_output=True, text=True, env=env, timeout=300)
+                          "--no-pictures", "-q", *TINY], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert (out / "warped.npy").is_file() and np.load(out / "trajectory.npy").shape == (4, 23, 2)
     again = subprocess.run([sys.executable, "-m", "fastlddmm", "register", str(src_file), str(tgt_file), "-o",
-                            str(out), "--steps", "-3"], capture_output=True, text=True, env=env, timeout=300)
+                            str(out), "--steps", "-3"], capture_output=True, text=True, env=env, timeout=300,
+                           cwd=tmp_path)
     assert again.returncode == 2
     assert "--steps" in _one_error_line(again.stderr)

@@ -84,7 +84,7 @@ def sharded(tmp_path_factory):
     torch.save(cases, tmp / "cases.pt")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
            str(WORKER), str(tmp / "cases.pt"), str(tmp)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, f"torchrun failed:\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
     results = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
@@ -202,7 +202,7 @@ def test_cli_register_distributed_matches_one_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
            "-m", "fastlddmm", "register", str(tmp_path / "src.npy"), str(tmp_path / "tgt.npy"),
            "-o", str(tmp_path / "sharded"), "--distributed", "--device", "cpu", *options]  # --device cpu: gloo
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     assert main(["register", str(tmp_path / "src.npy"), str(tmp_path / "tgt.npy"), "-o", str(tmp_path / "single"),

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -90,8 +91,12 @@ def test_auto_picks_and_targets_are_reported(smoke):
     report = json.loads((out / "gpu_distances_cpu.json").read_text())
     (auto,) = report["auto"]
     assert auto["size"] == SIZE
-    # 64 x 64 CPU clouds: both ops stay on the dense reference (fastlddmm.distances' thresholds)
-    assert auto["sinkhorn"] == "reference" and auto["chamfer"] == "reference"
+    # 64 x 64 CPU float32 clouds: what the dispatch table picks for them (the C++ kernels where built)
+    from fastlddmm import dispatch
+
+    pr = dispatch.Problem(device="cpu", dtype=torch.float32, dim=3, n=SIZE, m=SIZE)
+    assert auto["sinkhorn"] == dispatch.choose("softmin", "auto", pr)
+    assert auto["chamfer"] == dispatch.choose("nearest", "auto", pr)
     assert f"auto picks sinkhorn -> {auto['sinkhorn']}, chamfer -> {auto['chamfer']}" in stdout
     checks = {r["op"]: r for r in report["auto_check"]}
     assert checks["chamfer"]["fastest_measured"] in ("reference", "triton")

@@ -141,6 +141,42 @@ def test_diffusion_is_zero_for_a_translation_and_exact_for_linear_maps(shape):
                                torch.full((2,), float(m.square().sum()), dtype=torch.float64), atol=1e-12, rtol=0)
 
 
+def _icon_diffusion(phi):
+    """icon_registration 1.1.9's DiffusionRegularizedNet.compute_bending_energy_loss, transcribed:
+    v = identity - phi; sum over axes of mean((v[.., 1:, ..] - v[.., :-1, ..])²) (each mean over
+    batch, coordinates and cells), times the first spatial size squared (not the spacing)."""
+    v = identity_map(phi.shape[2:], batch=phi.shape[0], dtype=phi.dtype) - phi
+    if phi.dim() == 4:
+        energy = ((-v[:, :, 1:] + v[:, :, :-1]) ** 2).mean() + ((-v[:, :, :, 1:] + v[:, :, :, :-1]) ** 2).mean()
+    else:
+        energy = (((-v[:, :, 1:] + v[:, :, :-1]) ** 2).mean() + ((-v[:, :, :, 1:] + v[:, :, :, :-1]) ** 2).mean()
+                  + ((-v[:, :, :, :, 1:] + v[:, :, :, :, :-1]) ** 2).mean())
+    return energy * phi.shape[2] ** 2
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (7, 7), (5, 5, 5)])
+def test_icon_diffusion_weight_gives_icons_objective(shape):
+    gen = torch.Generator().manual_seed(21)
+    dtype = torch.float64
+    phi = identity_map(shape, batch=3, dtype=dtype) + 0.02 * torch.randn(3, len(shape), *shape, generator=gen, dtype=dtype)
+    lam = losses.icon_diffusion_weight(0.05, shape)
+    # float64, a few hundred squared differences summed in different orders: ~1e-15 relative
+    torch.testing.assert_close(lam * losses.diffusion(phi), 0.5 * 0.05 * _icon_diffusion(phi), rtol=1e-12, atol=0)
+    # icon's whole loss 2·SSD + lmbda·D_icon is twice ours, SSD + lam·diffusion: the same minimiser
+    a, b = torch.rand(2, 3, 1, *shape, generator=gen, dtype=dtype)
+    warped = warp(a, phi)
+    icon = 2 * (warped - b).square().mean() + 0.05 * _icon_diffusion(phi)
+    ours = losses.ssd(warped, b) + lam * losses.diffusion(phi)
+    torch.testing.assert_close(icon, 2 * ours, rtol=1e-12, atol=0)
+    # the weight scales with lmbda, and it is not lmbda itself (our diffusion is scaled by the spacing)
+    assert losses.icon_diffusion_weight(0.1, shape) == pytest.approx(2 * lam, rel=1e-15)
+    n = shape[0]
+    assert lam == pytest.approx(0.05 * n * n / (2 * len(shape) * (n - 1) ** 2), rel=1e-15)
+    for bad in ((28, 27), (28,), (1, 1), (4, 4, 4, 4)):
+        with pytest.raises(ValueError, match="square"):
+            losses.icon_diffusion_weight(0.05, bad)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_jacobian_and_folds(shape):
     dim = len(shape)
@@ -297,6 +333,124 @@ def test_train_draws_distinct_pairs_within_one_group():
     assert seen_groups == {False, True}
 
 
+def _set_last_bias(net, value):
+    with torch.no_grad():
+        net.net[-1].bias.fill_(value)
+
+
+def test_shared_steps_are_one_network_and_independent_steps_are_not():
+    torch.manual_seed(0)
+    k, shape = 4, (9, 10)
+    shared = digits.build_model(shape=shape, composed_steps=k, hidden=(8,), shared=True)
+    independent = digits.build_model(shape=shape, composed_steps=k, hidden=(8,), shared=False)
+    nets_s, nets_i = fi.step_networks(shared), fi.step_networks(independent)
+    assert len(nets_s) == len(nets_i) == k
+    assert all(n is nets_s[0] for n in nets_s)  # the same module object at every step
+    assert len({id(n) for n in nets_i}) == k
+    assert len({id(p) for n in nets_s for p in n.parameters()}) == len(list(nets_s[0].parameters()))
+    one = sum(p.numel() for p in nets_s[0].parameters())
+    assert sum(p.numel() for p in shared.parameters()) == one  # parameters are counted (and trained) once
+    assert sum(p.numel() for p in independent.parameters()) == k * one
+    # Changing the first step's network changes every step. With a zero last weight and a last bias
+    # b (the same for both coordinates) each application is the translation x -> x + b: k
+    # applications of the shared network translate by k·b, the independent ones by b only.
+    b = 0.01
+    _set_last_bias(nets_s[0], b)
+    _set_last_bias(nets_i[0], b)
+    image = torch.rand(2, 1, *shape, generator=torch.Generator().manual_seed(3))
+    x = identity_map(shape, batch=2)
+    torch.testing.assert_close(shared(image, image)(x), x + k * b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(independent(image, image)(x), x + b, atol=1e-6, rtol=0)
+    maps = fi.step_transforms(shared, image, image)
+    assert len(maps) == k
+    for j, m in enumerate(maps):  # every application moved by the one change
+        torch.testing.assert_close(m(x), x + (j + 1) * b, atol=1e-6, rtol=0)
+    for m in fi.step_transforms(independent, image, image):  # only the first network was changed
+        torch.testing.assert_close(m(x), x + b, atol=1e-6, rtol=0)
+    # one gradient per parameter tensor, accumulated over the k applications
+    out = fi.registration_loss(shared, image, image.flip(-1), lam=0.0)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in shared.parameters())
+
+
+def test_no_function_shadows_its_module():
+    """fastlddmm.image.<name> is the submodule <name> for every submodule (the package rule): the
+    builder fastlddmm.image.multistep is a function, so its module is fastlddmm.image.steps."""
+    import importlib
+    import pkgutil
+
+    names = [info.name for info in pkgutil.iter_modules(fi.__path__)]
+    assert "steps" in names and "multistep" not in names
+    for name in names:
+        module = importlib.import_module(f"fastlddmm.image.{name}")
+        assert getattr(fi, name) is module, f"fastlddmm.image.{name} is {getattr(fi, name)!r}, not the module"
+    assert callable(fi.multistep) and fi.multistep.__module__ == "fastlddmm.image.steps"
+
+
+def test_shared_gradient_is_the_sum_over_applications():
+    """One set of parameters: its gradient is the sum of the gradients that K independent copies of
+    the same weights get, one per application (float64; sums in another order: ~1e-15 relative)."""
+    import copy
+
+    torch.manual_seed(1)
+    k, shape, dtype = 3, (7, 8), torch.float64
+    net = fi.MLP(shape, hidden=(6,)).to(dtype)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a non-zero last layer: every parameter gets a gradient
+    shared = fi.multistep(net, steps=k)
+    copies = [copy.deepcopy(net) for _ in range(k)]
+    independent = fi.multistep(copies)
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.rand(2, 4, 1, *shape, generator=gen, dtype=dtype)
+    out_s, out_i = (fi.registration_loss(m, a, b, lam=0.01) for m in (shared, independent))
+    torch.testing.assert_close(out_s["loss"], out_i["loss"], rtol=1e-12, atol=0)  # same weights, same maps
+    out_s["loss"].backward()
+    out_i["loss"].backward()
+    for name, p in net.named_parameters():
+        total = sum(dict(c.named_parameters())[name].grad for c in copies)
+        torch.testing.assert_close(p.grad, total, rtol=1e-10, atol=1e-14, msg=name)
+        # and no single application's gradient is the whole of it
+        assert not torch.allclose(p.grad, dict(copies[0].named_parameters())[name].grad, rtol=1e-3, atol=0)
+
+
+def test_multistep_arguments():
+    net = fi.MLP((4, 4))
+    assert fi.multistep(net) is net and fi.multistep(net, steps=1) is net
+    assert fi.step_networks(fi.multistep(net, steps=3)) == [net, net, net]
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        fi.multistep(net, steps=0)
+    with pytest.raises(ValueError, match="steps=3 but 2 networks"):
+        fi.multistep([net, fi.MLP((4, 4))], steps=3)
+    with pytest.raises(ValueError, match="at least one"):
+        fi.multistep([])
+    with pytest.raises(TypeError, match="nn.Module"):
+        fi.multistep(["not a network"])
+
+
+def test_train_limits_and_cosine_schedule():
+    torch.manual_seed(0)
+    images = torch.rand(6, 1, 5, 5, generator=torch.Generator().manual_seed(4))
+    model = fi.MLP((5, 5), hidden=(4,))
+    history = fi.train(model, images, iterations=9, batch_size=3, lr=1e-2, schedule="cosine", log_every=2)
+    assert [h["iteration"] for h in history] == [0, 2, 4, 6, 8]
+    for h in history:
+        assert h["lr"] == pytest.approx(0.5 * 1e-2 * (1 + math.cos(math.pi * h["iteration"] / 9)), rel=1e-12)
+    assert history[0]["lr"] == 1e-2 and all(h["lr"] > 0 for h in history)
+    # a time budget alone: it stops by itself, runs at least one iteration, the rate only falls
+    history = fi.train(model, images, iterations=None, seconds=0.3, batch_size=3, schedule="cosine", log_every=1)
+    assert len(history) >= 1
+    assert all(a["lr"] >= b["lr"] for a, b in zip(history, history[1:]))
+    # with both limits the first one reached ends the run
+    assert fi.train(model, images, iterations=3, seconds=1e6, batch_size=3)[-1]["iteration"] == 2
+    with pytest.raises(ValueError, match="iterations or seconds"):
+        fi.train(model, images, iterations=None)
+    with pytest.raises(ValueError, match="seconds must be"):
+        fi.train(model, images, seconds=-1.0)
+    with pytest.raises(ValueError, match="schedule"):
+        fi.train(model, images, iterations=1, schedule="linear")
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="regulariser"):
         fi.registration_loss(fi.MLP((4, 4)), torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), regulariser="bending")
@@ -310,6 +464,16 @@ def test_bad_arguments_are_named():
         digits.run([5], [5], "unused", steps=-1)
     with pytest.raises(ValueError, match="digits"):
         digits.run([12], [5], "unused")
+    with pytest.raises(ValueError, match="seconds"):
+        digits.run([5], [5], "unused", seconds=0)
+    with pytest.raises(ValueError, match="seconds"):
+        digits.run([5], [5], "unused", seconds=float("nan"))
+    with pytest.raises(ValueError, match="composed_steps"):
+        digits.run([5], [5], "unused", composed_steps=0)
+    with pytest.raises(ValueError, match="schedule"):
+        digits.run([5], [5], "unused", schedule="step")
+    with pytest.raises(ValueError, match="threads"):
+        digits.run([5], [5], "unused", threads=0)
 
 
 # ---------------------------------------------------------------- digits
@@ -333,9 +497,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_short_training_lowers_ssd_on_held_out_fives(tmp_path, one_thread):
-    metrics = digits.run([5], [5, 7], tmp_path, seed=0, progress=False, steps=60, composed_steps=2,
-                         batch_size=32, lr=3e-3, eval_pairs_per_digit=24, figure_rows=2)
+@pytest.mark.parametrize("shared", [True, False], ids=["one-network", "independent"])
+def test_short_training_lowers_ssd_on_held_out_fives(tmp_path, one_thread, shared):
+    k = 3
+    metrics = digits.run([5], [5, 7], tmp_path, seed=0, progress=False, steps=60, composed_steps=k, shared=shared,
+                         hidden=(50, 50), batch_size=32, lr=3e-3, eval_pairs_per_digit=24, figure_rows=2)
     assert set(metrics) == {"5", "7"}
     for m in metrics.values():
         assert set(m) == {"ssd_before", "ssd_after", "folds_fraction"}
@@ -344,6 +510,118 @@ def test_short_training_lowers_ssd_on_held_out_fives(tmp_path, one_thread):
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     for d in (5, 7):
         assert (tmp_path / f"digits_{d}.png").stat().st_size > 1000
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert log["shared"] is shared and log["composed_steps"] == k and log["iterations_run"] == 60
+    assert log["distinct_step_networks"] == (1 if shared else k)
+    assert log["icon_lmbda_equivalent"] == pytest.approx(digits.ICON_LMBDA)
+    assert 0.9 < log["classifier"]["held_out_accuracy"] <= 1.0  # a useful judge of what a warped image shows
+    per_step = json.loads((tmp_path / "per_step.json").read_text())
+    for d in ("5", "7"):
+        st = per_step[d]
+        assert len(st["ssd_to_fixed"]) == k + 1
+        assert st["ssd_to_fixed"][0] == pytest.approx(metrics[d]["ssd_before"], rel=1e-5)
+        assert st["ssd_to_fixed"][-1] == pytest.approx(metrics[d]["ssd_after"], rel=1e-5)
+        # ten digits, one fraction per application (k = 0..K), the ten summing to 1 each time
+        assert set(st["classified_as"]) == {str(c) for c in range(10)}
+        for fractions in st["classified_as"].values():
+            assert len(fractions) == k + 1 and all(0.0 <= f <= 1.0 for f in fractions)
+        for j in range(k + 1):
+            assert sum(st["classified_as"][str(c)][j] for c in range(10)) == pytest.approx(1.0, abs=1e-12)
+    # unwarped held-out images: the classifier mostly names their own digit
+    assert per_step["5"]["classified_as"]["5"][0] > 0.8 and per_step["7"]["classified_as"]["7"][0] > 0.8
+
+
+class _ScriptedClassifier(torch.nn.Module):
+    """Calls the first c images of its c-th call "5" and the others "7" (c = 0, 1, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, images):
+        n = images.shape[0]
+        labels = torch.where(torch.arange(n) < self.calls, 5, 7)
+        self.calls += 1
+        return torch.nn.functional.one_hot(labels, 10).to(images.dtype)
+
+
+def test_per_step_reports_every_application_and_fractions_that_sum_to_one():
+    shape, k, batch = (9, 10), 4, 8
+    torch.manual_seed(0)
+    model = digits.build_model(shape=shape, composed_steps=k, hidden=(4,), shared=True)
+    _set_last_bias(fi.step_networks(model)[0], 0.02)  # each application: the same small translation
+    gen = torch.Generator().manual_seed(6)
+    moving = torch.zeros(batch, 1, *shape)
+    moving[:, :, 3:6, 3:6] = 1.0
+    fixed = torch.rand(batch, 1, *shape, generator=gen)
+    templates = {5: fixed[:1], 7: moving[:1]}
+    clf = _ScriptedClassifier()
+    st = digits.per_step(model, moving, fixed, templates, clf)
+    assert clf.calls == k + 1  # the unwarped images, then once after each application
+    assert set(st["classified_as"]) == {str(c) for c in range(10)}
+    for j in range(k + 1):
+        assert st["classified_as"]["5"][j] == j / batch and st["classified_as"]["7"][j] == 1 - j / batch
+        assert all(st["classified_as"][str(c)][j] == 0.0 for c in range(10) if c not in (5, 7))
+        assert sum(v[j] for v in st["classified_as"].values()) == pytest.approx(1.0, abs=1e-12)
+    # the SSDs follow the applications too: k = 0 is the unwarped image, then the image moves away
+    assert len(st["ssd_to_fixed"]) == len(st["ssd_to_mean"]["7"]) == k + 1
+    assert st["ssd_to_mean"]["7"][0] == 0.0
+    assert all(a < b for a, b in zip(st["ssd_to_mean"]["7"], st["ssd_to_mean"]["7"][1:]))
+    assert st["ssd_to_fixed"][0] == pytest.approx(float(losses.ssd(moving, fixed)), rel=1e-6)
+    assert "classified_as" not in digits.per_step(model, moving, fixed, templates)
+
+
+def test_idle_threads_never_exceeds_the_limit(monkeypatch):
+    monkeypatch.setattr(digits.os, "cpu_count", lambda: 2)
+    # one thread only once the load says every core is taken by others (>= cores + 1)
+    for load, limit, expected in ((0.1, 2, 2), (0.1, 1, 1), (2.7, 2, 2), (2.99, 2, 2), (3.0, 2, 1), (7.5, 2, 1),
+                                  (0.0, 4, 2), (7.5, 1, 1)):
+        monkeypatch.setattr(digits.os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert digits.idle_threads(limit) == expected, (load, limit)
+    # no limit: torch's thread count (capped at the cores)
+    monkeypatch.setattr(digits.os, "getloadavg", lambda: (0.5, 9.0, 9.0))  # only the 1-minute figure counts
+    monkeypatch.setattr(digits.torch, "get_num_threads", lambda: 1)
+    assert digits.idle_threads() == 1
+    monkeypatch.setattr(digits.torch, "get_num_threads", lambda: 8)
+    assert digits.idle_threads() == 2
+    monkeypatch.setattr(digits.os, "cpu_count", lambda: 16)
+    assert digits.idle_threads() == 8
+
+    def no_load_average():
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(digits.os, "getloadavg", no_load_average)
+    assert digits.idle_threads(3) == 3  # nothing known about the load: the limit
+
+
+@pytest.mark.parametrize("threads,load,expected", [(None, 0.2, 2), (None, 5.0, 1), (1, 0.2, 1), (2, 5.0, 2)])
+def test_run_trains_with_the_chosen_threads_and_restores_them(monkeypatch, tmp_path, threads, load, expected):
+    monkeypatch.setattr(digits.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(digits.os, "getloadavg", lambda: (load, load, load))
+    seen = []
+    monkeypatch.setattr(digits, "_run", lambda *args, **kwargs: seen.append(torch.get_num_threads()) or {})
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        digits.run([5], [7], tmp_path, threads=threads)
+        assert seen == [expected]  # --threads wins over the load average
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_train_classifier_is_deterministic_and_leaves_the_global_seed_alone():
+    gen = torch.Generator().manual_seed(5)
+    images, labels = torch.rand(20, 1, 6, 6, generator=gen), torch.arange(20) % 10
+    torch.manual_seed(1)
+    a = digits.train_classifier(images, labels, iterations=5, seed=3)
+    after = torch.rand(1)
+    torch.manual_seed(1)
+    b = digits.train_classifier(images, labels, iterations=5, seed=3)
+    assert torch.equal(after, torch.rand(1))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert digits.classify(a, images).shape == (20,)
 
 
 @pytest.mark.gpu

@@ -12,9 +12,8 @@
 #include <stdexcept>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "common/simd.h"
+#include "common/threads.h"
 
 namespace fastlddmm {
 
@@ -52,23 +51,6 @@ inline T act_grad(T z, T h) {
   }
 }
 
-int resolve_threads(int num_threads) {
-#ifdef _OPENMP
-  return num_threads > 0 ? num_threads : omp_get_max_threads();
-#else
-  (void)num_threads;
-  return 1;
-#endif
-}
-
-int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-
 // Points per tile: the three H x tile hidden arrays of the backward pass should fit in ~96 KiB (L2).
 template <typename T>
 int64_t tile_size(int64_t width) {
@@ -76,6 +58,11 @@ int64_t tile_size(int64_t width) {
   while (tile > 8 && 3 * width * tile * static_cast<int64_t>(sizeof(T)) > 96 * 1024) tile /= 2;
   return tile;
 }
+
+// Tiles per chunk of the weight-gradient reduction: a function of the number of tiles only (never of the
+// threads), so the chunks' partial sums, added in chunk order, are the same whatever the thread count;
+// at most ~512 chunks, so the partials stay small next to the states.
+inline int64_t chunk_size(int64_t ntiles) { return std::max<int64_t>(32, (ntiles + 511) / 512); }
 
 // Sum of a[0..n) (or of a[i] * b[i]); the simd reduction lets the compiler vectorise it.
 template <typename T>
@@ -137,9 +124,247 @@ void block_forward(const T* w1, const T* b1, const T* w2, const T* b2, int64_t d
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The fast path, D in {2, 3} (a template parameter): a tile of kVecs vectors of points (64 floats or 32
+// doubles) lives in registers as structure of arrays; each layer runs over the hidden units one at a
+// time (z_k = W1_k x + b1_k, h_k = rho(z_k), v += W2_:k h_k), so z and h are never stored. The weight
+// gradients are accumulated lane-wise per chunk of tiles in a thread-local buffer (vectors), reduced to
+// double per chunk, and the chunks added in chunk order: the same sums whatever the thread count.
+// ---------------------------------------------------------------------------------------------------
+
+constexpr int kVecs = 4;  // vectors of points per tile
+
+template <typename T>
+using Vf = simd::vec<T>;
+
+// rho and rho' on vectors. relu: one max / one compare; tanh and softplus lane by lane (libm; slower).
+template <typename T, Activation A>
+inline Vf<T> vact(Vf<T> z) {
+  if constexpr (A == Activation::kRelu) {
+    return simd::vmax<T>(z, simd::splat<T>(T(0)));
+  } else {
+    Vf<T> h;
+    for (int l = 0; l < simd::Lanes<T>::W; ++l) h[l] = act_value<T, A>(z[l]);
+    return h;
+  }
+}
+
+template <typename T, Activation A>
+inline Vf<T> vact_grad(Vf<T> z, Vf<T> h) {
+  if constexpr (A == Activation::kRelu) {
+    (void)h;
+    return z > T(0) ? simd::splat<T>(T(1)) : simd::splat<T>(T(0));
+  } else if constexpr (A == Activation::kTanh) {
+    (void)z;
+    return T(1) - h * h;
+  } else {
+    Vf<T> g;
+    for (int l = 0; l < simd::Lanes<T>::W; ++l) g[l] = act_grad<T, A>(z[l], h[l]);
+    return g;
+  }
+}
+
+// AoS (n, D) points [p0, p0 + n) <-> SoA tile (zero-padded).
+template <typename T, int D>
+inline void tile_in(const T* src, int64_t n, Vf<T> (&x)[D][kVecs]) {
+  constexpr int W = simd::Lanes<T>::W;
+  alignas(64) T buf[D][kVecs * W] = {};
+  for (int64_t i = 0; i < n; ++i)
+    for (int d = 0; d < D; ++d) buf[d][i] = src[i * D + d];
+  for (int d = 0; d < D; ++d)
+    for (int p = 0; p < kVecs; ++p) x[d][p] = simd::load(buf[d] + p * W);
+}
+
+template <typename T, int D>
+inline void tile_out(const Vf<T> (&x)[D][kVecs], int64_t n, T* dst) {
+  constexpr int W = simd::Lanes<T>::W;
+  alignas(64) T buf[D][kVecs * W];
+  for (int d = 0; d < D; ++d)
+    for (int p = 0; p < kVecs; ++p) simd::store(buf[d] + p * W, x[d][p]);
+  for (int64_t i = 0; i < n; ++i)
+    for (int d = 0; d < D; ++d) dst[i * D + d] = buf[d][i];
+}
+
+// v = W2 rho(W1 x + b1) + b2 for one layer on a tile. w2t: (H, D) (W2 transposed).
+template <typename T, int D, Activation A>
+inline void layer_velocity(const T* w1, const T* b1, const T* w2t, const T* b2, int64_t H, const Vf<T> (&x)[D][kVecs],
+                           Vf<T> (&v)[D][kVecs]) {
+  for (int d = 0; d < D; ++d)
+    for (int p = 0; p < kVecs; ++p) v[d][p] = simd::splat<T>(b2[d]);
+  for (int64_t k = 0; k < H; ++k) {
+    Vf<T> z[kVecs];
+    for (int p = 0; p < kVecs; ++p) {
+      z[p] = simd::splat<T>(b1[k]);
+      for (int d = 0; d < D; ++d) z[p] += w1[k * D + d] * x[d][p];
+      z[p] = vact<T, A>(z[p]);
+    }
+    for (int d = 0; d < D; ++d) {
+      const T w = w2t[k * D + d];
+      for (int p = 0; p < kVecs; ++p) v[d][p] += w * z[p];
+    }
+  }
+}
+
+template <typename T>
+std::vector<T> transpose_w2(const T* weight2, int64_t L, int64_t D, int64_t H) {  // (L, D, H) -> (L, H, D)
+  std::vector<T> t(static_cast<size_t>(L * H * D));
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t k = 0; k < H; ++k) t[(l * H + k) * D + d] = weight2[(l * D + d) * H + k];
+  return t;
+}
+
+template <typename T, int D, Activation A>
+void fast_forward(const T* x, const T* weight1, const T* bias1, const T* weight2, const T* bias2, T dt, FlowSizes s,
+                  int num_threads, T* x_final, T* states, double* kinetic_sum) {
+  constexpr int W = simd::Lanes<T>::W;
+  constexpr int64_t tile = kVecs * W;
+  const int64_t N = s.n, H = s.width, L = s.layers;
+  const int64_t ntiles = (N + tile - 1) / tile;
+  const std::vector<T> w2t = transpose_w2(weight2, L, D, H);
+  std::vector<double> tile_energy(static_cast<size_t>(ntiles), 0.0);  // summed in tile order below
+  parallel_tasks(ntiles, threads_for(resolve_threads(num_threads), double(N) * L * H, 65536.0), [&](int64_t t) {
+    const int64_t p0 = t * tile, n = std::min(tile, N - p0);
+    Vf<T> xv[D][kVecs], v[D][kVecs];
+    tile_in<T, D>(x + p0 * D, n, xv);
+    Vf<T> mask[kVecs];  // 1 on the tile's points, 0 on its padding (kept out of the energy)
+    for (int p = 0; p < kVecs; ++p)
+      for (int l = 0; l < W; ++l) mask[p][l] = p * W + l < n ? T(1) : T(0);
+    Vf<T> e = simd::splat<T>(T(0));
+    double energy = 0.0;
+    for (int64_t l = 0; l < L; ++l) {
+      if (states != nullptr) tile_out<T, D>(xv, n, states + (l * N + p0) * D);
+      layer_velocity<T, D, A>(weight1 + l * H * D, bias1 + l * H, w2t.data() + l * H * D, bias2 + l * D, H, xv, v);
+      e = simd::splat<T>(T(0));
+      for (int d = 0; d < D; ++d)
+        for (int p = 0; p < kVecs; ++p) {
+          e += mask[p] * v[d][p] * v[d][p];
+          xv[d][p] += dt * v[d][p];
+        }
+      for (int ll = 0; ll < W; ++ll) energy += static_cast<double>(e[ll]);
+    }
+    tile_out<T, D>(xv, n, x_final + p0 * D);
+    tile_energy[static_cast<size_t>(t)] = energy;
+  });
+  double total = 0.0;
+  for (double en : tile_energy) total += en;
+  kinetic_sum[0] = total;
+}
+
+template <typename T, int D, Activation A>
+void fast_backward(const T* grad_x_final, T grad_kinetic_sum, const T* states, const T* weight1, const T* bias1,
+                   const T* weight2, const T* bias2, T dt, FlowSizes s, int num_threads, T* grad_x, T* grad_weight1,
+                   T* grad_bias1, T* grad_weight2, T* grad_bias2) {
+  constexpr int W = simd::Lanes<T>::W;
+  constexpr int64_t tile = kVecs * W;
+  const int64_t N = s.n, H = s.width, L = s.layers;
+  const int64_t ntiles = (N + tile - 1) / tile;
+  const int64_t chunk_tiles = chunk_size(ntiles), nchunks = (ntiles + chunk_tiles - 1) / chunk_tiles;
+  const std::vector<T> w2t = transpose_w2(weight2, L, D, H);
+  const int threads = threads_for(resolve_threads(num_threads), double(N) * L * H, 16384.0);
+  // Lane-wise accumulators of one chunk: [gw1 (L,H,D) | gb1 (L,H) | gw2t (L,H,D) | gb2 (L,D)] vectors.
+  const int64_t o_gb1 = L * H * D, o_gw2 = o_gb1 + L * H, o_gb2 = o_gw2 + L * H * D, psize = o_gb2 + L * D;
+  std::vector<double> partial(static_cast<size_t>(nchunks * psize), 0.0);
+  const T ce = static_cast<T>(2.0 * static_cast<double>(grad_kinetic_sum));  // dLoss/dv from S: 2 dLoss/dS v
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+    simd::FlushDenormals ftz;
+    std::vector<Vf<T>> acc(static_cast<size_t>(psize));
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t c = 0; c < nchunks; ++c) {
+      std::fill(acc.begin(), acc.end(), simd::splat<T>(T(0)));
+      for (int64_t t = c * chunk_tiles; t < std::min(ntiles, (c + 1) * chunk_tiles); ++t) {
+        const int64_t p0 = t * tile, n = std::min(tile, N - p0);
+        Vf<T> g[D][kVecs], xv[D][kVecs], gv[D][kVecs];
+        tile_in<T, D>(grad_x_final + p0 * D, n, g);
+        Vf<T> mask[kVecs];
+        for (int p = 0; p < kVecs; ++p)
+          for (int l = 0; l < W; ++l) mask[p][l] = p * W + l < n ? T(1) : T(0);
+        for (int64_t l = L - 1; l >= 0; --l) {
+          const T* w1 = weight1 + l * H * D;
+          const T* b1 = bias1 + l * H;
+          const T* w2 = w2t.data() + l * H * D;
+          tile_in<T, D>(states + (l * N + p0) * D, n, xv);
+          layer_velocity<T, D, A>(w1, b1, w2, bias2 + l * D, H, xv, gv);  // gv = v for now
+          for (int d = 0; d < D; ++d) {
+            Vf<T> sb = simd::splat<T>(T(0));
+            for (int p = 0; p < kVecs; ++p) {
+              gv[d][p] = mask[p] * (dt * g[d][p] + ce * gv[d][p]);  // dLoss/dv (0 on the padding)
+              sb += gv[d][p];
+            }
+            acc[o_gb2 + l * D + d] += sb;
+          }
+          Vf<T>* agw1 = acc.data() + l * H * D;
+          Vf<T>* agb1 = acc.data() + o_gb1 + l * H;
+          Vf<T>* agw2 = acc.data() + o_gw2 + l * H * D;
+          for (int64_t k = 0; k < H; ++k) {
+            Vf<T> z[kVecs], h[kVecs], gz[kVecs];
+            for (int p = 0; p < kVecs; ++p) {
+              z[p] = simd::splat<T>(b1[k]);
+              for (int d = 0; d < D; ++d) z[p] += w1[k * D + d] * xv[d][p];
+              h[p] = vact<T, A>(z[p]);
+              Vf<T> gh = simd::splat<T>(T(0));
+              for (int d = 0; d < D; ++d) gh += w2[k * D + d] * gv[d][p];
+              if constexpr (A == Activation::kRelu)
+                gz[p] = z[p] > T(0) ? gh : simd::splat<T>(T(0));  // relu'(0) = 0, as torch
+              else
+                gz[p] = gh * vact_grad<T, A>(z[p], h[p]);
+            }
+            Vf<T> sgz = gz[0];
+            for (int p = 1; p < kVecs; ++p) sgz += gz[p];
+            agb1[k] += sgz;
+            for (int d = 0; d < D; ++d) {
+              Vf<T> a1 = gz[0] * xv[d][0], a2 = gv[d][0] * h[0];
+              for (int p = 1; p < kVecs; ++p) {
+                a1 += gz[p] * xv[d][p];
+                a2 += gv[d][p] * h[p];
+              }
+              agw1[k * D + d] += a1;
+              agw2[k * D + d] += a2;
+              const T w = w1[k * D + d];
+              for (int p = 0; p < kVecs; ++p) g[d][p] += w * gz[p];
+            }
+          }
+        }
+        tile_out<T, D>(g, n, grad_x + p0 * D);
+      }
+      double* part = partial.data() + c * psize;
+      for (int64_t j = 0; j < psize; ++j) {
+        double a = 0.0;
+        for (int l = 0; l < W; ++l) a += static_cast<double>(acc[j][l]);
+        part[j] = a;
+      }
+    }
+  }
+  // Chunks added in chunk order (deterministic); gw2 back from (L, H, D) to (L, D, H).
+  parallel_tasks(L, threads, [&](int64_t l) {
+    auto total = [&](int64_t j) {
+      double a = 0.0;
+      for (int64_t c = 0; c < nchunks; ++c) a += partial[static_cast<size_t>(c * psize + j)];
+      return static_cast<T>(a);
+    };
+    for (int64_t k = 0; k < H; ++k) {
+      grad_bias1[l * H + k] = total(o_gb1 + l * H + k);
+      for (int64_t d = 0; d < D; ++d) {
+        grad_weight1[(l * H + k) * D + d] = total((l * H + k) * D + d);
+        grad_weight2[(l * D + d) * H + k] = total(o_gw2 + (l * H + k) * D + d);
+      }
+    }
+    for (int64_t d = 0; d < D; ++d) grad_bias2[l * D + d] = total(o_gb2 + l * D + d);
+  });
+}
+
 template <typename T, Activation A>
 void forward_impl(const T* x, const T* weight1, const T* bias1, const T* weight2, const T* bias2, T dt,
                   FlowSizes s, int num_threads, T* x_final, T* states, double* kinetic_sum) {
+  if (s.dim == 3)
+    return fast_forward<T, 3, A>(x, weight1, bias1, weight2, bias2, dt, s, num_threads, x_final, states, kinetic_sum);
+  if (s.dim == 2)
+    return fast_forward<T, 2, A>(x, weight1, bias1, weight2, bias2, dt, s, num_threads, x_final, states, kinetic_sum);
   const int64_t N = s.n, D = s.dim, H = s.width, L = s.layers;
   const int64_t tile = tile_size<T>(H);
   const int64_t ntiles = (N + tile - 1) / tile;
@@ -181,25 +406,32 @@ template <typename T, Activation A>
 void backward_impl(const T* grad_x_final, T grad_kinetic_sum, const T* states, const T* weight1, const T* bias1,
                    const T* weight2, const T* bias2, T dt, FlowSizes s, int num_threads, T* grad_x,
                    T* grad_weight1, T* grad_bias1, T* grad_weight2, T* grad_bias2) {
+  if (s.dim == 3 || s.dim == 2) {
+    auto fast = s.dim == 3 ? fast_backward<T, 3, A> : fast_backward<T, 2, A>;
+    return fast(grad_x_final, grad_kinetic_sum, states, weight1, bias1, weight2, bias2, dt, s, num_threads, grad_x,
+                grad_weight1, grad_bias1, grad_weight2, grad_bias2);
+  }
   const int64_t N = s.n, D = s.dim, H = s.width, L = s.layers;
   const int64_t tile = tile_size<T>(H);
   const int64_t ntiles = (N + tile - 1) / tile;
   const int threads = resolve_threads(num_threads);
-  // Per-thread partial sums of the parameter gradients, in double, laid out as
-  // [gw1 (L,H,D) | gb1 (L,H) | gw2 (L,D,H) | gb2 (L,D)].
+  // Partial sums of the parameter gradients per chunk of tiles (a fixed cut of the points, whatever the
+  // threads), in double, laid out as [gw1 (L,H,D) | gb1 (L,H) | gw2 (L,D,H) | gb2 (L,D)].
   const int64_t o_gb1 = L * H * D, o_gw2 = o_gb1 + L * H, o_gb2 = o_gw2 + L * D * H;
   const int64_t psize = o_gb2 + L * D;
-  std::vector<double> partial(static_cast<size_t>(threads * psize), 0.0);
+  const int64_t chunk_tiles = chunk_size(ntiles), nchunks = (ntiles + chunk_tiles - 1) / chunk_tiles;
+  std::vector<double> partial(static_cast<size_t>(nchunks * psize), 0.0);
   // dLoss/dv_i from the kinetic term S = sum_l sum_i |v_l(x_i)|^2: 2 * dLoss/dS * v_i.
   const T ce = static_cast<T>(2.0 * static_cast<double>(grad_kinetic_sum));
 
 #pragma omp parallel num_threads(threads)
   {
-    double* acc = partial.data() + thread_id() * psize;
     std::vector<T> xt(D * tile), zt(H * tile), ht(H * tile), vt(D * tile), gt(D * tile), gvt(D * tile),
         gzt(H * tile);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < ntiles; ++t) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < nchunks; ++c)
+    for (int64_t t = c * chunk_tiles; t < std::min(ntiles, (c + 1) * chunk_tiles); ++t) {
+      double* acc = partial.data() + c * psize;
       const int64_t p0 = t * tile, n = std::min(tile, N - p0);
       load_tile(grad_x_final + p0 * D, n, D, tile, gt.data());  // g = dLoss/dx^{l+1}
       for (int64_t l = L - 1; l >= 0; --l) {
@@ -251,13 +483,13 @@ void backward_impl(const T* grad_x_final, T grad_kinetic_sum, const T* states, c
     }
   }
 
-  // Reduce the per-thread partials in thread order (deterministic for a fixed thread count).
+  // Reduce the chunks' partials in chunk order: the same sums whatever the thread count.
   T* outs[4] = {grad_weight1, grad_bias1, grad_weight2, grad_bias2};
   const int64_t starts[5] = {0, o_gb1, o_gw2, o_gb2, psize};
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t j = 0; j < psize; ++j) {
     double total = 0.0;
-    for (int p = 0; p < threads; ++p) total += partial[static_cast<size_t>(p * psize + j)];
+    for (int64_t c = 0; c < nchunks; ++c) total += partial[static_cast<size_t>(c * psize + j)];
     int which = 0;
     while (j >= starts[which + 1]) ++which;
     outs[which][j - starts[which]] = static_cast<T>(total);

@@ -98,6 +98,24 @@ def diffusion(phi: Tensor,  # (B, dim, *spatial) map on the pixel grid
     return _reduce(per_item, reduction)
 
 
+def icon_diffusion_weight(lmbda: float, shape) -> float:
+    """The weight ``lam`` of :func:`diffusion` that gives icon_registration's diffusion objective.
+
+    icon_registration's ``DiffusionRegularizedNet(net, SSD(), lmbda)`` minimises
+    ``2 · SSD + lmbda · D_icon`` with ``D_icon = n_0² · Σ_axes mean(Δu²)`` (forward differences of
+    u = phi - id, each mean over batch, coordinates and cells, scaled by the first axis' size n_0,
+    not by the spacing). Here ``diffusion = Σ_axes Σ_coords mean((Δu / h_a)²)`` with h_a = 1 / (n_a - 1),
+    so for a square grid ``D_icon = n² / (dim · (n - 1)²) · diffusion``, and minimising
+    ``ssd + lam · diffusion`` is the same problem (Adam does not see the overall factor 2) for
+    ``lam = lmbda · D_icon / (2 · diffusion)``. For 28×28 images and lmbda = 0.05: lam ≈ 0.0134.
+    """
+    shape = tuple(int(n) for n in shape)
+    if len(shape) not in (2, 3) or any(n < 2 for n in shape) or len(set(shape)) != 1:
+        raise ValueError(f"shape must be a square (2D) or cubic (3D) grid with sides >= 2, got {shape}")
+    n, dim = shape[0], len(shape)
+    return float(lmbda) * n * n / (2.0 * dim * (n - 1) ** 2)
+
+
 def inverse_consistency(phi_ab: Transform, phi_ba: Transform, shape, *, batch: int,
                         dtype=torch.float32, device=None, reduction: str = "mean") -> Tensor:
     """|Φ[A,B] ∘ Φ[B,A](x) - x|², summed over coordinates, averaged over the grid of ``shape``.

@@ -43,9 +43,13 @@ class DisplacementNet(nn.Module):
 
 
 class MLP(DisplacementNet):
-    """The multistep experiment's network: flattened (moving, fixed) -> hidden -> ... -> displacement.
+    """A fully connected network: flattened (moving, fixed) -> hidden -> ... -> displacement field.
 
-    Two hidden layers of 50 ReLU units by default; the last layer is zero-initialised (identity map).
+    The kind of network icon_registration's multistep experiment iterates (its ``FCNet(28)`` has hidden
+    layers of 8000 and 3000, 41 M parameters, and zero-initialises only the last layer's weight, so an
+    untrained FCNet shifts every image by its random last-layer bias). Here the widths are a parameter
+    (two hidden layers of 50 ReLU units by default) and the last layer's weight *and* bias start at
+    zero: an untrained MLP is exactly the identity map, however many times it is applied.
 
     Args:
         shape: spatial shape of the images, e.g. (28, 28) (2D) or (D, H, W) (3D).
