@@ -237,7 +237,7 @@ def _register_call(method: str, n: int, device: str):
 
     import fastlddmm as fl
     from benchmarks._common import clouds
-    from fastlddmm.registration import DEFAULTS
+    from fastlddmm.registration import DEFAULTS, PRESETS
 
     source, target = clouds(n, n, device=device)
     steps = REGISTER_STEPS.get(n, 2)
@@ -256,14 +256,15 @@ def _register_call(method: str, n: int, device: str):
         def call():
             torch.manual_seed(DEFAULTS.seed)
             g = torch.Generator().manual_seed(DEFAULTS.seed)
-            L, H = DEFAULTS.layers, DEFAULTS.width
+            preset = PRESETS[DEFAULTS.quality]  # register()'s defaults are its default preset's
+            L, H = preset.layers, preset.width
             params = [torch.nn.Parameter(t) for t in (torch.randn(L, H, 3, generator=g) / 3**0.5,
                                                       torch.zeros(L, H), torch.zeros(L, 3, H), torch.zeros(L, 3))]
             opt = torch.optim.Adam(params, lr=5e-3)
             for _ in range(steps):
                 opt.zero_grad()
                 moved, energy = fl.reference.euler_flow(src, *params, 1.0 / L, DEFAULTS.activation)
-                loss = loss_fn(moved, tgt) / (2 * DEFAULTS.sigma**2) + energy
+                loss = loss_fn(moved, tgt) / (2 * preset.sigma**2) + energy
                 loss.backward()
                 opt.step()
             return loss.detach()
