@@ -325,10 +325,10 @@ def _registration_options(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("registration")
     g.add_argument("--quality", choices=QUALITIES, default=DEFAULTS.quality,
-                   help="preset for the flow's size and the schedule (coarse-to-fine stages, L-BFGS at the end); "
-                        "the options below override it. fast: the quickest; balanced: closer to the target for "
-                        "a few times the time; best: closest (README, Registration quality) "
-                        "(default: %(default)s)")
+                   help="preset for the flow's size and the schedule; the options below override it. fast: 500 "
+                        "Adam steps; balanced: coarse-to-fine then L-BFGS, a fold barrier on meshes (closer to "
+                        "the target, no flipped triangles, about fast's time on 10^4-vertex meshes); best: a "
+                        "wider, deeper flow for ~10x longer (README, Registration quality) (default: %(default)s)")
     g.add_argument("--data-term", choices=DATA_TERMS, default=DEFAULTS.data_term,
                    help="distance between the warped source and the target (default: %(default)s; "
                         "l2 needs one target point per source point)")
