@@ -121,6 +121,34 @@ def test_register_mesh_keeps_faces(tmp_path):
     assert (out / "flow.gif").is_file()
 
 
+def test_register_mesh_with_a_quality_preset_reports_its_folds(tmp_path):
+    """--quality balanced on a mesh: the preset's stages (coarse, fine, L-BFGS) and fold barrier are what ran,
+    and summary.json counts the flipped triangles."""
+    pytest.importorskip("meshio", reason="mesh formats need meshio: pip install meshio")
+    from fastlddmm.data import load_example
+    from fastlddmm.registration import PRESETS
+
+    blob = load_example("blob")
+    keep = 80
+    faces = blob["faces"][(blob["faces"] < keep).all(1)]
+    write_points(tmp_path / "s.ply", blob["source"][:keep], like=MeshInfo(".ply", 3, cells=[("triangle", faces)]))
+    write_points(tmp_path / "t.ply", blob["target"][:70])
+    out = tmp_path / "out"
+    assert cli.main(["register", str(tmp_path / "s.ply"), str(tmp_path / "t.ply"), "-o", str(out), "-q",
+                     "--no-pictures", "--quality", "balanced", "--steps", "10", "--width", "8", "--layers", "3",
+                     "--data-term", "chamfer"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    config = summary["config"]
+    balanced = PRESETS["balanced"]
+    assert config["quality"] == "balanced" and config["fold_penalty"] == balanced.fold_penalty > 0
+    assert [st["optimizer"] for st in config["schedule"]] == ["adam", "adam", "lbfgs"]
+    assert config["schedule"][0]["sigma"] > config["schedule"][1]["sigma"] == config["schedule"][2]["sigma"]
+    assert sum(st["steps"] for st in config["schedule"][:2]) == 10 and config["schedule"][2]["steps"] == balanced.refine
+    assert summary["triangles"] == len(faces)
+    assert 0 <= summary["flipped_triangles"] <= len(faces)
+    assert summary["flipped_fraction"] == pytest.approx(summary["flipped_triangles"] / len(faces))
+
+
 def _bad_file(tmp_path):
     path = tmp_path / "broken.npy"
     np.save(path, np.zeros((5, 2)))
