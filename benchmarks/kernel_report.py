@@ -722,10 +722,10 @@ def main(argv: list[str] | None = None) -> int:
     tritons, notes = _tritons(args)
     if args.sweep:
         return _print_sweep(collect(archs, tritons, args.jobs, sweep=args.sweep))
-    start = time.time()
+    start = time.perf_counter()
     rows = collect(archs, tritons, args.jobs, kinds)
     rows.sort(key=lambda r: (KINDS.index(r["kind"]), r["kernel"], r["dtype"], r["config"], r["arch"], r["triton"]))
-    notes.append(f"{len(rows)} compilations in {time.time() - start:.0f} s ({args.jobs} processes)")
+    notes.append(f"{len(rows)} compilations in {time.perf_counter() - start:.0f} s ({args.jobs} processes)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"rows": rows_for_json(rows)}, indent=1) + "\n")
