@@ -58,7 +58,7 @@ T* P(ptr_t p) {
 
 void cpu_forward(const std::string& dtype, ptr_t x, ptr_t w1, ptr_t b1, ptr_t w2, ptr_t b2, double dt,
                  const std::string& activation, int64_t n, int64_t dim, int64_t width, int64_t layers,
-                 int num_threads, ptr_t x_final, ptr_t states, ptr_t kinetic_sum) {
+                 int num_threads, ptr_t x_final, ptr_t kinetic_sum) {
   const FlowSizes s = make_sizes(n, dim, width, layers);
   const Activation act = fastlddmm::parse_activation(activation);
   require(x, "x");
@@ -69,15 +69,15 @@ void cpu_forward(const std::string& dtype, ptr_t x, ptr_t w1, ptr_t b1, ptr_t w2
   if (is_double(dtype)) {
     fastlddmm::euler_flow_forward_cpu<double>(P<const double>(x), P<const double>(w1), P<const double>(b1),
                                               P<const double>(w2), P<const double>(b2), dt, act, s, num_threads,
-                                              P<double>(x_final), P<double>(states), P<double>(kinetic_sum));
+                                              P<double>(x_final), P<double>(kinetic_sum));
   } else {
     fastlddmm::euler_flow_forward_cpu<float>(P<const float>(x), P<const float>(w1), P<const float>(b1),
                                              P<const float>(w2), P<const float>(b2), static_cast<float>(dt), act, s,
-                                             num_threads, P<float>(x_final), P<float>(states), P<double>(kinetic_sum));
+                                             num_threads, P<float>(x_final), P<double>(kinetic_sum));
   }
 }
 
-void cpu_backward(const std::string& dtype, ptr_t grad_x_final, double grad_kinetic_sum, ptr_t states, ptr_t w1,
+void cpu_backward(const std::string& dtype, ptr_t grad_x_final, double grad_kinetic_sum, ptr_t x, ptr_t w1,
                   ptr_t b1, ptr_t w2, ptr_t b2, double dt, const std::string& activation, int64_t n, int64_t dim,
                   int64_t width, int64_t layers, int num_threads, ptr_t grad_x, ptr_t gw1, ptr_t gb1, ptr_t gw2,
                   ptr_t gb2) {
@@ -85,20 +85,20 @@ void cpu_backward(const std::string& dtype, ptr_t grad_x_final, double grad_kine
   const Activation act = fastlddmm::parse_activation(activation);
   require(grad_x_final, "grad_x_final");
   require(grad_x, "grad_x");
+  require(x, "x");
   if (layers > 0) {
-    require(states, "states");
     require_params(w1, b1, w2, b2);
     require_params(gw1, gb1, gw2, gb2);
   }
   py::gil_scoped_release release;
   if (is_double(dtype)) {
     fastlddmm::euler_flow_backward_cpu<double>(
-        P<const double>(grad_x_final), grad_kinetic_sum, P<const double>(states), P<const double>(w1),
+        P<const double>(grad_x_final), grad_kinetic_sum, P<const double>(x), P<const double>(w1),
         P<const double>(b1), P<const double>(w2), P<const double>(b2), dt, act, s, num_threads, P<double>(grad_x),
         P<double>(gw1), P<double>(gb1), P<double>(gw2), P<double>(gb2));
   } else {
     fastlddmm::euler_flow_backward_cpu<float>(
-        P<const float>(grad_x_final), static_cast<float>(grad_kinetic_sum), P<const float>(states), P<const float>(w1),
+        P<const float>(grad_x_final), static_cast<float>(grad_kinetic_sum), P<const float>(x), P<const float>(w1),
         P<const float>(b1), P<const float>(w2), P<const float>(b2), static_cast<float>(dt), act, s, num_threads,
         P<float>(grad_x), P<float>(gw1), P<float>(gb1), P<float>(gw2), P<float>(gb2));
   }
@@ -261,14 +261,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("euler_flow_forward_cpu", &cpu_forward, py::arg("dtype"), py::arg("x"), py::arg("weight1"),
         py::arg("bias1"), py::arg("weight2"), py::arg("bias2"), py::arg("dt"), py::arg("activation"), py::arg("n"),
         py::arg("dim"), py::arg("width"), py::arg("layers"), py::arg("num_threads"), py::arg("x_final"),
-        py::arg("states"), py::arg("kinetic_sum"),
-        "Fused Euler flow forward on CPU buffers (pointers as integers; states may be 0 to save nothing).");
+        py::arg("kinetic_sum"),
+        "Fused Euler flow forward on CPU buffers (pointers as integers); stores nothing but x_final and S.");
   m.def("euler_flow_backward_cpu", &cpu_backward, py::arg("dtype"), py::arg("grad_x_final"),
-        py::arg("grad_kinetic_sum"), py::arg("states"), py::arg("weight1"), py::arg("bias1"), py::arg("weight2"),
+        py::arg("grad_kinetic_sum"), py::arg("x"), py::arg("weight1"), py::arg("bias1"), py::arg("weight2"),
         py::arg("bias2"), py::arg("dt"), py::arg("activation"), py::arg("n"), py::arg("dim"), py::arg("width"),
         py::arg("layers"), py::arg("num_threads"), py::arg("grad_x"), py::arg("grad_weight1"),
         py::arg("grad_bias1"), py::arg("grad_weight2"), py::arg("grad_bias2"),
-        "Fused Euler flow backward on CPU buffers (pointers as integers); overwrites every gradient buffer.");
+        "Fused Euler flow backward on CPU buffers (pointers as integers): recomputes the layers from x, tile by "
+        "tile; overwrites every gradient buffer.");
   m.def("softmin_cpu", &softmin, py::arg("dtype"), py::arg("x"), py::arg("y"), py::arg("h"), py::arg("batch"),
         py::arg("n"), py::arg("m"), py::arg("dim"), py::arg("eps"), py::arg("p"), py::arg("num_threads"),
         py::arg("f"), py::arg("grad"),

@@ -86,6 +86,14 @@ def flow_params(layers: int, width: int, dim: int, *, dtype=torch.float64, devic
     return [p.to(device=device, dtype=dtype).requires_grad_(requires_grad) for p in (w1, b1, w2, b2)]
 
 
+def flow_backward_states(backend: str, x: Tensor, states: Tensor) -> Tensor:
+    """What a fused euler_flow backend's backward takes (ops/flow's contract): the forward's (L, N, D) states,
+    or x[None] (1, N, D) where the backend recomputes the layers (SAVED_FOR_BACKWARD == "input")."""
+    from fastlddmm.ops.flow import SAVED_FOR_BACKWARD
+
+    return states if SAVED_FOR_BACKWARD[backend] == "layers" else x.detach()[None]
+
+
 def random_points(*shape: int, dtype=torch.float64, device="cpu", seed: int = 1, requires_grad: bool = False) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=gen, dtype=torch.float64)

@@ -9,8 +9,9 @@ import torch
 
 import fastlddmm as fl
 from fastlddmm import dispatch
+from fastlddmm.ops.flow import SAVED_FOR_BACKWARD
 
-from conftest import assert_close, backend_cases, flow_params, random_points, require_backend
+from conftest import assert_close, backend_cases, flow_backward_states, flow_params, random_points, require_backend
 
 FUSED = backend_cases("euler_flow", exclude=("reference",))
 
@@ -30,8 +31,11 @@ def test_torch_ops_entry_point_values_and_gradients(backend, device):
     x, params = inputs(device=dev)
     x_final, energy, states = torch.ops.fastlddmm.euler_flow(x, *params, 0.25, "tanh", backend, True)
     want_out, want_energy = fl.reference.euler_flow(x, *params, 0.25, "tanh")
-    assert states.shape == (4, 7, 3)
-    assert_close(states[0], x.detach(), rtol=0, atol=0, name="states[0] = x")
+    if SAVED_FOR_BACKWARD[backend] == "layers":
+        assert states.shape == (4, 7, 3)
+        assert_close(states[0], x.detach(), rtol=0, atol=0, name="states[0] = x")
+    else:  # its backward recomputes the layers from x
+        assert states.shape == (0, 7, 3)
     assert_close(x_final, want_out, rtol=RTOL, atol=ATOL, name="x_final")
     assert_close(energy, want_energy, rtol=RTOL, atol=ATOL, name="energy = ½·dt·S/N")
     assert not states.requires_grad  # marked non-differentiable
@@ -49,6 +53,30 @@ def test_states_not_saved_cannot_backward(backend, device):
     assert states.shape == (0, 7, 3)
     with pytest.raises(RuntimeError, match="save_states=False"):
         torch.autograd.grad(x_final.sum(), [x])
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_what_autograd_keeps_for_the_backward(backend, device):
+    """Memory contract: "layers" backends keep the (L, N, D) states; "input" backends (cpu) keep only x and the
+    weights: nothing the size of L·N·D is held between forward and backward."""
+    dev = require_backend("euler_flow", backend, device)
+    x, params = inputs(n=101, layers=6, device=dev)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        x_final, energy = fl.ops.euler_flow(x, *params, 0.25, "relu", backend=backend)
+    (x_final.square().sum() + energy).backward()
+    largest = max(saved, key=lambda shape: torch.Size(shape).numel())
+    if SAVED_FOR_BACKWARD[backend] == "layers":
+        assert largest == (6, 101, 3)
+    else:
+        assert all(torch.Size(shape).numel() <= 101 * 3 for shape in saved), saved
+        assert (101, 3) in saved
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 @pytest.mark.parametrize("backend,device", FUSED)
@@ -77,7 +105,8 @@ def test_opcheck(backend, device):
         _, _, states = torch.ops.fastlddmm.euler_flow(x, *params, 0.5, "softplus", backend, True)
     grad_out = random_points(5, 2, seed=9, device=dev)
     torch.library.opcheck(torch.ops.fastlddmm.euler_flow_backward.default,
-                          (grad_out, x.new_tensor(0.7), states, *[p.detach() for p in params], 0.5, "softplus",
+                          (grad_out, x.new_tensor(0.7), flow_backward_states(backend, x, states),
+                           *[p.detach() for p in params], 0.5, "softplus",
                            backend))
 
 

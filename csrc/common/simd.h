@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -68,9 +69,16 @@ inline void store(T* p, vec<T> v) {
   std::memcpy(p, &v, sizeof v);
 }
 
+template <typename T, std::size_t... I>
+inline vec<T> splat_lanes(T s, std::index_sequence<I...>) {
+  return vec<T>{((void)I, s)...};
+}
+
 template <typename T>
 inline vec<T> splat(T s) {
-  return vec<T>{} + s;
+  // {s, s, ..., s}, not `vec<T>{} + s`: 0 + s is not s for s = -0 under IEEE rules, so the compiler kept an
+  // add and a register broadcast (two FMA-port instructions) where one broadcast load does.
+  return splat_lanes<T>(s, std::make_index_sequence<Lanes<T>::W>{});
 }
 
 template <typename T>

@@ -33,9 +33,11 @@ struct FlowSizes {
 // CPU (csrc/euler_flow/euler_flow_cpu.cpp): OpenMP over tiles of points, all layers per tile
 // (the weights of all layers stay in cache). D = 2 and 3 (template parameter): a tile of 64 floats / 32
 // doubles held in registers as structure of arrays, one hidden unit at a time (z and h never stored);
-// other D: [row][point] tiles in memory. Extra memory: the states, and per chunk of tiles a partial sum
-// of the parameter gradients (at most ~512 chunks). Threads: num_threads (the launcher passes
-// torch.get_num_threads()).
+// other D: [row][point] tiles in memory. The forward stores nothing but its output; the backward runs each
+// tile forward again from x, keeping that tile's trajectory (x^l and v_l, 2 x L x D x tile values) in the
+// thread's cache, then goes back through the layers. Extra memory: per chunk of tiles a partial sum of the
+// parameter gradients (at most ~512 chunks); no (L, N, D) states.
+// Threads: num_threads (the launcher passes torch.get_num_threads()).
 // ---------------------------------------------------------------------------------------------
 
 // Forward pass.
@@ -47,20 +49,18 @@ struct FlowSizes {
 //   num_threads: OpenMP threads (<= 0: the OpenMP default)
 // Returns (written into caller buffers):
 //   x_final:  (N, D)    the points after L steps
-//   states:   (L, N, D) states[l] = x^l, the input of block l; may be null (nothing saved, for inference)
 //   kinetic_sum: (1,) double  S = sum_l sum_i |v_l(x_i^l)|^2 (summed per tile in double, tiles in order:
 //                       deterministic whatever the thread count)
 template <typename scalar_t>
 void euler_flow_forward_cpu(const scalar_t* x, const scalar_t* weight1, const scalar_t* bias1,
                             const scalar_t* weight2, const scalar_t* bias2, scalar_t dt, Activation act,
-                            FlowSizes sizes, int num_threads, scalar_t* x_final, scalar_t* states,
-                            double* kinetic_sum);
+                            FlowSizes sizes, int num_threads, scalar_t* x_final, double* kinetic_sum);
 
-// Backward pass (recomputes z, h, v of each layer from states; never stores N*H values).
+// Backward pass (recomputes x^l, z, h, v of each layer from x, tile by tile; never stores N*L*D values).
 // Args:
 //   grad_x_final: (N, D)  dLoss/dx_final
 //   grad_kinetic_sum: scalar  dLoss/dS (the op passes dLoss/denergy * dt / (2N))
-//   states:       (L, N, D) from the forward pass
+//   x:            (N, D)  the forward pass's input points
 //   weight1 .. bias2, dt, act, num_threads as in the forward pass
 // Returns (written into caller buffers, every one fully overwritten):
 //   grad_x:       (N, D)
@@ -68,7 +68,7 @@ void euler_flow_forward_cpu(const scalar_t* x, const scalar_t* weight1, const sc
 //                 summed per chunk of tiles (a fixed cut of the points: 32 tiles, more for very large N),
 //                 the chunks added in chunk order in double: bitwise the same whatever num_threads.
 template <typename scalar_t>
-void euler_flow_backward_cpu(const scalar_t* grad_x_final, scalar_t grad_kinetic_sum, const scalar_t* states,
+void euler_flow_backward_cpu(const scalar_t* grad_x_final, scalar_t grad_kinetic_sum, const scalar_t* x,
                              const scalar_t* weight1, const scalar_t* bias1, const scalar_t* weight2,
                              const scalar_t* bias2, scalar_t dt, Activation act, FlowSizes sizes,
                              int num_threads, scalar_t* grad_x, scalar_t* grad_weight1, scalar_t* grad_bias1,

@@ -61,7 +61,7 @@ int64_t tile_size(int64_t width) {
 
 // Tiles per chunk of the weight-gradient reduction: a function of the number of tiles only (never of the
 // threads), so the chunks' partial sums, added in chunk order, are the same whatever the thread count;
-// at most ~512 chunks, so the partials stay small next to the states.
+// at most ~512 chunks, so the partials stay small next to the points.
 inline int64_t chunk_size(int64_t ntiles) { return std::max<int64_t>(32, (ntiles + 511) / 512); }
 
 // Sum of a[0..n) (or of a[i] * b[i]); the simd reduction lets the compiler vectorise it.
@@ -216,7 +216,7 @@ std::vector<T> transpose_w2(const T* weight2, int64_t L, int64_t D, int64_t H) {
 
 template <typename T, int D, Activation A>
 void fast_forward(const T* x, const T* weight1, const T* bias1, const T* weight2, const T* bias2, T dt, FlowSizes s,
-                  int num_threads, T* x_final, T* states, double* kinetic_sum) {
+                  int num_threads, T* x_final, double* kinetic_sum) {
   constexpr int W = simd::Lanes<T>::W;
   constexpr int64_t tile = kVecs * W;
   const int64_t N = s.n, H = s.width, L = s.layers;
@@ -230,12 +230,10 @@ void fast_forward(const T* x, const T* weight1, const T* bias1, const T* weight2
     Vf<T> mask[kVecs];  // 1 on the tile's points, 0 on its padding (kept out of the energy)
     for (int p = 0; p < kVecs; ++p)
       for (int l = 0; l < W; ++l) mask[p][l] = p * W + l < n ? T(1) : T(0);
-    Vf<T> e = simd::splat<T>(T(0));
     double energy = 0.0;
     for (int64_t l = 0; l < L; ++l) {
-      if (states != nullptr) tile_out<T, D>(xv, n, states + (l * N + p0) * D);
       layer_velocity<T, D, A>(weight1 + l * H * D, bias1 + l * H, w2t.data() + l * H * D, bias2 + l * D, H, xv, v);
-      e = simd::splat<T>(T(0));
+      Vf<T> e = simd::splat<T>(T(0));
       for (int d = 0; d < D; ++d)
         for (int p = 0; p < kVecs; ++p) {
           e += mask[p] * v[d][p] * v[d][p];
@@ -251,8 +249,52 @@ void fast_forward(const T* x, const T* weight1, const T* bias1, const T* weight2
   kinetic_sum[0] = total;
 }
 
+// Vectors of points per pass over the hidden units in the backward: the pass keeps g, x and dLoss/dv of its
+// points in registers (3 D vectors each), which for the whole tile (kVecs) would need more than the 32
+// registers AVX-512 has (the compiler spilled); two passes of kGroup vectors fit.
+constexpr int kGroup = kVecs / 2;
+
+// One layer's backward through its hidden units, for the tile's vectors [P0, P0 + kGroup):
+//   gz_k = rho'(z_k) (W2^T gv)_k,   g += W1^T gz,   lane-wise accumulators: gb1 += gz, gw1 += gz x^T, gw2 += gv h^T.
+// z = W1 x + b1 is computed again here: keeping the recompute's z (L x H x tile values per thread, in L2)
+// measured no faster at H = 64, L = 10.
+template <typename T, int D, Activation A, int P0>
+inline void hidden_backward(const T* w1, const T* b1, const T* w2t, int64_t H,
+                            const Vf<T> (&xv)[D][kVecs], const Vf<T> (&gv)[D][kVecs], Vf<T> (&g)[D][kVecs],
+                            Vf<T>* agw1, Vf<T>* agb1, Vf<T>* agw2t) {
+  for (int64_t k = 0; k < H; ++k) {
+    Vf<T> h[kGroup], gz[kGroup];
+    for (int q = 0; q < kGroup; ++q) {
+      const int p = P0 + q;
+      Vf<T> z = simd::splat<T>(b1[k]);
+      for (int d = 0; d < D; ++d) z += w1[k * D + d] * xv[d][p];
+      h[q] = vact<T, A>(z);
+      Vf<T> gh = w2t[k * D] * gv[0][p];
+      for (int d = 1; d < D; ++d) gh += w2t[k * D + d] * gv[d][p];
+      if constexpr (A == Activation::kRelu)
+        gz[q] = z > T(0) ? gh : simd::splat<T>(T(0));  // relu'(0) = 0, as torch
+      else
+        gz[q] = gh * vact_grad<T, A>(z, h[q]);
+    }
+    Vf<T> sgz = agb1[k];
+    for (int q = 0; q < kGroup; ++q) sgz += gz[q];
+    agb1[k] = sgz;
+    for (int d = 0; d < D; ++d) {
+      Vf<T> a1 = agw1[k * D + d], a2 = agw2t[k * D + d];
+      for (int q = 0; q < kGroup; ++q) {
+        a1 += gz[q] * xv[d][P0 + q];
+        a2 += gv[d][P0 + q] * h[q];
+      }
+      agw1[k * D + d] = a1;
+      agw2t[k * D + d] = a2;
+      const T w = w1[k * D + d];
+      for (int q = 0; q < kGroup; ++q) g[d][P0 + q] += w * gz[q];
+    }
+  }
+}
+
 template <typename T, int D, Activation A>
-void fast_backward(const T* grad_x_final, T grad_kinetic_sum, const T* states, const T* weight1, const T* bias1,
+void fast_backward(const T* grad_x_final, T grad_kinetic_sum, const T* x, const T* weight1, const T* bias1,
                    const T* weight2, const T* bias2, T dt, FlowSizes s, int num_threads, T* grad_x, T* grad_weight1,
                    T* grad_bias1, T* grad_weight2, T* grad_bias2) {
   constexpr int W = simd::Lanes<T>::W;
@@ -272,6 +314,9 @@ void fast_backward(const T* grad_x_final, T grad_kinetic_sum, const T* states, c
   {
     simd::FlushDenormals ftz;
     std::vector<Vf<T>> acc(static_cast<size_t>(psize));
+    // The tile's trajectory, recomputed from x: every layer's input and velocity. It lives in this thread's
+    // cache (L x 2 x D x tile values), so the op stores no (L, N, D) states.
+    std::vector<Vf<T>> xs(static_cast<size_t>(L * D * kVecs)), vs(static_cast<size_t>(L * D * kVecs));
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -280,6 +325,21 @@ void fast_backward(const T* grad_x_final, T grad_kinetic_sum, const T* states, c
       for (int64_t t = c * chunk_tiles; t < std::min(ntiles, (c + 1) * chunk_tiles); ++t) {
         const int64_t p0 = t * tile, n = std::min(tile, N - p0);
         Vf<T> g[D][kVecs], xv[D][kVecs], gv[D][kVecs];
+        // Forward again, the same arithmetic as fast_forward: x^l and v_l of every layer.
+        tile_in<T, D>(x + p0 * D, n, xv);
+        for (int64_t l = 0; l < L; ++l) {
+          Vf<T>* xl = xs.data() + l * D * kVecs;
+          Vf<T>* vl = vs.data() + l * D * kVecs;
+          for (int d = 0; d < D; ++d)
+            for (int p = 0; p < kVecs; ++p) xl[d * kVecs + p] = xv[d][p];
+          layer_velocity<T, D, A>(weight1 + l * H * D, bias1 + l * H, w2t.data() + l * H * D, bias2 + l * D, H, xv,
+                                  gv);
+          for (int d = 0; d < D; ++d)
+            for (int p = 0; p < kVecs; ++p) {
+              vl[d * kVecs + p] = gv[d][p];
+              xv[d][p] += dt * gv[d][p];
+            }
+        }
         tile_in<T, D>(grad_x_final + p0 * D, n, g);
         Vf<T> mask[kVecs];
         for (int p = 0; p < kVecs; ++p)
@@ -288,12 +348,13 @@ void fast_backward(const T* grad_x_final, T grad_kinetic_sum, const T* states, c
           const T* w1 = weight1 + l * H * D;
           const T* b1 = bias1 + l * H;
           const T* w2 = w2t.data() + l * H * D;
-          tile_in<T, D>(states + (l * N + p0) * D, n, xv);
-          layer_velocity<T, D, A>(w1, b1, w2, bias2 + l * D, H, xv, gv);  // gv = v for now
+          const Vf<T>* xl = xs.data() + l * D * kVecs;
+          const Vf<T>* vl = vs.data() + l * D * kVecs;
           for (int d = 0; d < D; ++d) {
             Vf<T> sb = simd::splat<T>(T(0));
             for (int p = 0; p < kVecs; ++p) {
-              gv[d][p] = mask[p] * (dt * g[d][p] + ce * gv[d][p]);  // dLoss/dv (0 on the padding)
+              xv[d][p] = xl[d * kVecs + p];
+              gv[d][p] = mask[p] * (dt * g[d][p] + ce * vl[d * kVecs + p]);  // dLoss/dv (0 on the padding)
               sb += gv[d][p];
             }
             acc[o_gb2 + l * D + d] += sb;
@@ -301,34 +362,8 @@ void fast_backward(const T* grad_x_final, T grad_kinetic_sum, const T* states, c
           Vf<T>* agw1 = acc.data() + l * H * D;
           Vf<T>* agb1 = acc.data() + o_gb1 + l * H;
           Vf<T>* agw2 = acc.data() + o_gw2 + l * H * D;
-          for (int64_t k = 0; k < H; ++k) {
-            Vf<T> z[kVecs], h[kVecs], gz[kVecs];
-            for (int p = 0; p < kVecs; ++p) {
-              z[p] = simd::splat<T>(b1[k]);
-              for (int d = 0; d < D; ++d) z[p] += w1[k * D + d] * xv[d][p];
-              h[p] = vact<T, A>(z[p]);
-              Vf<T> gh = simd::splat<T>(T(0));
-              for (int d = 0; d < D; ++d) gh += w2[k * D + d] * gv[d][p];
-              if constexpr (A == Activation::kRelu)
-                gz[p] = z[p] > T(0) ? gh : simd::splat<T>(T(0));  // relu'(0) = 0, as torch
-              else
-                gz[p] = gh * vact_grad<T, A>(z[p], h[p]);
-            }
-            Vf<T> sgz = gz[0];
-            for (int p = 1; p < kVecs; ++p) sgz += gz[p];
-            agb1[k] += sgz;
-            for (int d = 0; d < D; ++d) {
-              Vf<T> a1 = gz[0] * xv[d][0], a2 = gv[d][0] * h[0];
-              for (int p = 1; p < kVecs; ++p) {
-                a1 += gz[p] * xv[d][p];
-                a2 += gv[d][p] * h[p];
-              }
-              agw1[k * D + d] += a1;
-              agw2[k * D + d] += a2;
-              const T w = w1[k * D + d];
-              for (int p = 0; p < kVecs; ++p) g[d][p] += w * gz[p];
-            }
-          }
+          hidden_backward<T, D, A, 0>(w1, b1, w2, H, xv, gv, g, agw1, agb1, agw2);
+          hidden_backward<T, D, A, kGroup>(w1, b1, w2, H, xv, gv, g, agw1, agb1, agw2);
         }
         tile_out<T, D>(g, n, grad_x + p0 * D);
       }
@@ -360,11 +395,11 @@ void fast_backward(const T* grad_x_final, T grad_kinetic_sum, const T* states, c
 
 template <typename T, Activation A>
 void forward_impl(const T* x, const T* weight1, const T* bias1, const T* weight2, const T* bias2, T dt,
-                  FlowSizes s, int num_threads, T* x_final, T* states, double* kinetic_sum) {
+                  FlowSizes s, int num_threads, T* x_final, double* kinetic_sum) {
   if (s.dim == 3)
-    return fast_forward<T, 3, A>(x, weight1, bias1, weight2, bias2, dt, s, num_threads, x_final, states, kinetic_sum);
+    return fast_forward<T, 3, A>(x, weight1, bias1, weight2, bias2, dt, s, num_threads, x_final, kinetic_sum);
   if (s.dim == 2)
-    return fast_forward<T, 2, A>(x, weight1, bias1, weight2, bias2, dt, s, num_threads, x_final, states, kinetic_sum);
+    return fast_forward<T, 2, A>(x, weight1, bias1, weight2, bias2, dt, s, num_threads, x_final, kinetic_sum);
   const int64_t N = s.n, D = s.dim, H = s.width, L = s.layers;
   const int64_t tile = tile_size<T>(H);
   const int64_t ntiles = (N + tile - 1) / tile;
@@ -382,7 +417,6 @@ void forward_impl(const T* x, const T* weight1, const T* bias1, const T* weight2
       load_tile(x + p0 * D, n, D, tile, xt.data());
       double e = 0.0;
       for (int64_t l = 0; l < L; ++l) {
-        if (states != nullptr) store_tile(xt.data(), n, D, tile, states + (l * N + p0) * D);
         block_forward<T, A>(weight1 + l * H * D, bias1 + l * H, weight2 + l * D * H, bias2 + l * D, D, H, n,
                             tile, xt.data(), zt.data(), ht.data(), vt.data());
         for (int64_t d = 0; d < D; ++d) {
@@ -403,12 +437,12 @@ void forward_impl(const T* x, const T* weight1, const T* bias1, const T* weight2
 }
 
 template <typename T, Activation A>
-void backward_impl(const T* grad_x_final, T grad_kinetic_sum, const T* states, const T* weight1, const T* bias1,
+void backward_impl(const T* grad_x_final, T grad_kinetic_sum, const T* x, const T* weight1, const T* bias1,
                    const T* weight2, const T* bias2, T dt, FlowSizes s, int num_threads, T* grad_x,
                    T* grad_weight1, T* grad_bias1, T* grad_weight2, T* grad_bias2) {
   if (s.dim == 3 || s.dim == 2) {
     auto fast = s.dim == 3 ? fast_backward<T, 3, A> : fast_backward<T, 2, A>;
-    return fast(grad_x_final, grad_kinetic_sum, states, weight1, bias1, weight2, bias2, dt, s, num_threads, grad_x,
+    return fast(grad_x_final, grad_kinetic_sum, x, weight1, bias1, weight2, bias2, dt, s, num_threads, grad_x,
                 grad_weight1, grad_bias1, grad_weight2, grad_bias2);
   }
   const int64_t N = s.n, D = s.dim, H = s.width, L = s.layers;
@@ -428,17 +462,30 @@ void backward_impl(const T* grad_x_final, T grad_kinetic_sum, const T* states, c
   {
     std::vector<T> xt(D * tile), zt(H * tile), ht(H * tile), vt(D * tile), gt(D * tile), gvt(D * tile),
         gzt(H * tile);
+    std::vector<T> xs(L * D * tile);  // the tile's layer inputs, recomputed from x (no (L, N, D) states stored)
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < nchunks; ++c)
     for (int64_t t = c * chunk_tiles; t < std::min(ntiles, (c + 1) * chunk_tiles); ++t) {
       double* acc = partial.data() + c * psize;
       const int64_t p0 = t * tile, n = std::min(tile, N - p0);
+      load_tile(x + p0 * D, n, D, tile, xt.data());
+      for (int64_t l = 0; l < L; ++l) {  // forward again, as forward_impl: x^l of every layer
+        std::copy(xt.begin(), xt.end(), xs.begin() + l * D * tile);
+        block_forward<T, A>(weight1 + l * H * D, bias1 + l * H, weight2 + l * D * H, bias2 + l * D, D, H, n, tile,
+                            xt.data(), zt.data(), ht.data(), vt.data());
+        for (int64_t d = 0; d < D; ++d) {
+          T* xd = xt.data() + d * tile;
+          const T* vd = vt.data() + d * tile;
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) xd[i] += dt * vd[i];
+        }
+      }
       load_tile(grad_x_final + p0 * D, n, D, tile, gt.data());  // g = dLoss/dx^{l+1}
       for (int64_t l = L - 1; l >= 0; --l) {
         const T* w1 = weight1 + l * H * D;
         const T* w2 = weight2 + l * D * H;
-        load_tile(states + (l * N + p0) * D, n, D, tile, xt.data());
-        block_forward<T, A>(w1, bias1 + l * H, w2, bias2 + l * D, D, H, n, tile, xt.data(), zt.data(), ht.data(),
+        const T* xl = xs.data() + l * D * tile;
+        block_forward<T, A>(w1, bias1 + l * H, w2, bias2 + l * D, D, H, n, tile, xl, zt.data(), ht.data(),
                             vt.data());
         // gv = dt g + ce v;  grad_W2 += gv h^T;  grad_b2 += gv
         for (int64_t d = 0; d < D; ++d) {
@@ -466,7 +513,7 @@ void backward_impl(const T* grad_x_final, T grad_kinetic_sum, const T* states, c
           for (int64_t i = 0; i < n; ++i) gzk[i] *= act_grad<T, A>(zk[i], hk[i]);
           acc[o_gb1 + l * H + k] += static_cast<double>(sum(gzk, n));
           double* agw1 = acc + (l * H + k) * D;
-          for (int64_t d = 0; d < D; ++d) agw1[d] += static_cast<double>(dot(gzk, xt.data() + d * tile, n));
+          for (int64_t d = 0; d < D; ++d) agw1[d] += static_cast<double>(dot(gzk, xl + d * tile, n));
         }
         // g <- g + W1^T gz  (now dLoss/dx^l)
         for (int64_t k = 0; k < H; ++k) {
@@ -501,39 +548,38 @@ void backward_impl(const T* grad_x_final, T grad_kinetic_sum, const T* states, c
 template <typename scalar_t>
 void euler_flow_forward_cpu(const scalar_t* x, const scalar_t* weight1, const scalar_t* bias1,
                             const scalar_t* weight2, const scalar_t* bias2, scalar_t dt, Activation act,
-                            FlowSizes sizes, int num_threads, scalar_t* x_final, scalar_t* states,
-                            double* kinetic_sum) {
+                            FlowSizes sizes, int num_threads, scalar_t* x_final, double* kinetic_sum) {
   switch (act) {
     case Activation::kRelu:
       return forward_impl<scalar_t, Activation::kRelu>(x, weight1, bias1, weight2, bias2, dt, sizes, num_threads,
-                                                       x_final, states, kinetic_sum);
+                                                       x_final, kinetic_sum);
     case Activation::kTanh:
       return forward_impl<scalar_t, Activation::kTanh>(x, weight1, bias1, weight2, bias2, dt, sizes, num_threads,
-                                                       x_final, states, kinetic_sum);
+                                                       x_final, kinetic_sum);
     case Activation::kSoftplus:
       return forward_impl<scalar_t, Activation::kSoftplus>(x, weight1, bias1, weight2, bias2, dt, sizes,
-                                                           num_threads, x_final, states, kinetic_sum);
+                                                           num_threads, x_final, kinetic_sum);
   }
   throw std::invalid_argument("unknown activation");
 }
 
 template <typename scalar_t>
-void euler_flow_backward_cpu(const scalar_t* grad_x_final, scalar_t grad_kinetic_sum, const scalar_t* states,
+void euler_flow_backward_cpu(const scalar_t* grad_x_final, scalar_t grad_kinetic_sum, const scalar_t* x,
                              const scalar_t* weight1, const scalar_t* bias1, const scalar_t* weight2,
                              const scalar_t* bias2, scalar_t dt, Activation act, FlowSizes sizes,
                              int num_threads, scalar_t* grad_x, scalar_t* grad_weight1, scalar_t* grad_bias1,
                              scalar_t* grad_weight2, scalar_t* grad_bias2) {
   switch (act) {
     case Activation::kRelu:
-      return backward_impl<scalar_t, Activation::kRelu>(grad_x_final, grad_kinetic_sum, states, weight1, bias1, weight2,
+      return backward_impl<scalar_t, Activation::kRelu>(grad_x_final, grad_kinetic_sum, x, weight1, bias1, weight2,
                                                         bias2, dt, sizes, num_threads, grad_x, grad_weight1,
                                                         grad_bias1, grad_weight2, grad_bias2);
     case Activation::kTanh:
-      return backward_impl<scalar_t, Activation::kTanh>(grad_x_final, grad_kinetic_sum, states, weight1, bias1, weight2,
+      return backward_impl<scalar_t, Activation::kTanh>(grad_x_final, grad_kinetic_sum, x, weight1, bias1, weight2,
                                                         bias2, dt, sizes, num_threads, grad_x, grad_weight1,
                                                         grad_bias1, grad_weight2, grad_bias2);
     case Activation::kSoftplus:
-      return backward_impl<scalar_t, Activation::kSoftplus>(grad_x_final, grad_kinetic_sum, states, weight1, bias1,
+      return backward_impl<scalar_t, Activation::kSoftplus>(grad_x_final, grad_kinetic_sum, x, weight1, bias1,
                                                             weight2, bias2, dt, sizes, num_threads, grad_x,
                                                             grad_weight1, grad_bias1, grad_weight2, grad_bias2);
   }
@@ -541,10 +587,9 @@ void euler_flow_backward_cpu(const scalar_t* grad_x_final, scalar_t grad_kinetic
 }
 
 template void euler_flow_forward_cpu<float>(const float*, const float*, const float*, const float*, const float*,
-                                            float, Activation, FlowSizes, int, float*, float*, double*);
+                                            float, Activation, FlowSizes, int, float*, double*);
 template void euler_flow_forward_cpu<double>(const double*, const double*, const double*, const double*,
-                                             const double*, double, Activation, FlowSizes, int, double*, double*,
-                                             double*);
+                                             const double*, double, Activation, FlowSizes, int, double*, double*);
 template void euler_flow_backward_cpu<float>(const float*, float, const float*, const float*, const float*,
                                              const float*, const float*, float, Activation, FlowSizes, int, float*,
                                              float*, float*, float*, float*);

@@ -15,12 +15,19 @@ The launcher contract, the same for cpu, cuda and triton (contiguous tensors of 
     backward(grad_x_final (N, D), grad_kinetic_sum (), states, weight1, bias1, weight2, bias2, dt,
              activation) -> (grad_x, grad_weight1, grad_bias1, grad_weight2, grad_bias2)
 
-where states[l] is the input of block l and kinetic_sum S = Σ_l Σ_i |v_l(x_i^l)|². This module turns S
-into the energy ½ · dt · S / N (and dLoss/denergy into dLoss/dS), once for every backend.
+where kinetic_sum S = Σ_l Σ_i |v_l(x_i^l)|². This module turns S into the energy ½ · dt · S / N (and
+dLoss/denergy into dLoss/dS), once for every backend. What the backward starts from depends on the backend
+(SAVED_FOR_BACKWARD):
 
-The fused paths store only the per-layer points (L·N·D values) for the backward pass and recompute the
-hidden activations there: memory O(N·L·D) instead of autograd's O(N·L·H). Without gradients (inference
-or torch.no_grad) they store nothing but the output.
+    "layers"  (cuda, triton): with save_states the forward returns every layer's input, states[l] = x^l
+              (L, N, D), and the backward takes them;
+    "input"   (cpu): the forward stores nothing (states (0, N, D)); the backward takes states = x[None]
+              (1, N, D) and runs each tile of points forward again, keeping that tile's trajectory in the
+              thread's cache (a fifth more flops than storing it, but no (L, N, D) array written and read
+              back: on a CPU that traffic and its page faults cost more than the flops).
+
+Either way the hidden activations are recomputed in the backward: memory O(N·L·D) at most instead of
+autograd's O(N·L·H). Without gradients (inference or torch.no_grad) nothing is stored but the output.
 
 They go through the torch.library custom ops
 
@@ -47,6 +54,14 @@ from . import reference
 from .reference import ACTIVATIONS
 
 FUSED_BACKENDS = tuple(name for name in dispatch.backends_for("euler_flow") if name != "reference")
+
+# What each fused backend's backward starts from (the contract above): "layers", the (L, N, D) states its
+# forward saved; "input", x itself (1, N, D): that backward recomputes the layers, so nothing is saved.
+SAVED_FOR_BACKWARD = {"cpu": "input", "cuda": "layers", "triton": "layers"}
+
+
+def _saves_layers(backend: str) -> bool:
+    return SAVED_FOR_BACKWARD.get(backend, "layers") == "layers"
 
 
 def _launcher(backend: str):
@@ -115,7 +130,7 @@ def _euler_flow_op(
 
 @_euler_flow_op.register_fake
 def _euler_flow_fake(x, weight1, bias1, weight2, bias2, dt, activation, backend, save_states):
-    layers = weight1.shape[0] if save_states else 0
+    layers = weight1.shape[0] if save_states and _saves_layers(backend) else 0
     return torch.empty_like(x), x.new_empty(()), x.new_empty((layers, *x.shape))
 
 
@@ -123,7 +138,7 @@ def _euler_flow_fake(x, weight1, bias1, weight2, bias2, dt, activation, backend,
 def _euler_flow_backward_op(
     grad_x_final: Tensor,  # (N, D)
     grad_energy: Tensor,  # ()
-    states: Tensor,  # (L, N, D)
+    states: Tensor,  # (L, N, D) the forward's states, or (1, N, D) x[None] for backends that recompute them
     weight1: Tensor,  # (L, H, D)
     bias1: Tensor,  # (L, H)
     weight2: Tensor,  # (L, D, H)
@@ -133,8 +148,10 @@ def _euler_flow_backward_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # grad_x (N, D), then the params' shapes
     _check_op_inputs(grad_x_final, weight1, bias1, weight2, bias2, activation)
-    if tuple(states.shape) != (weight1.shape[0], *grad_x_final.shape):
-        raise ValueError(f"states must have shape {(weight1.shape[0], *grad_x_final.shape)}, got {tuple(states.shape)}")
+    want = (weight1.shape[0] if _saves_layers(backend) else 1, *grad_x_final.shape)
+    if tuple(states.shape) != want:
+        what = "every layer's input" if _saves_layers(backend) else "x[None]: this backend recomputes the layers"
+        raise ValueError(f"states must have shape {want} ({what}), got {tuple(states.shape)}")
     params = [p.contiguous() for p in (weight1, bias1, weight2, bias2)]
     grad_kinetic_sum = grad_energy.reshape(()).to(grad_x_final.dtype) * _energy_scale(dt, grad_x_final.shape[0])
     grads = _launcher(backend).backward(
@@ -155,7 +172,8 @@ def _setup_context(ctx, inputs, output):
     x, weight1, bias1, weight2, bias2, dt, activation, backend, save_states = inputs
     _, _, states = output
     ctx.mark_non_differentiable(states)
-    ctx.save_for_backward(states, weight1, bias1, weight2, bias2)
+    ctx.set_materialize_grads(False)  # else autograd fills an (L, N, D) zero gradient for the states
+    ctx.save_for_backward(states if _saves_layers(backend) else x, weight1, bias1, weight2, bias2)
     ctx.dt, ctx.activation, ctx.backend, ctx.save_states = dt, activation, backend, save_states
     ctx.x_shape = tuple(x.shape)
 
@@ -166,10 +184,14 @@ def _backward(ctx, grad_x_final, grad_energy, grad_states):
             "fastlddmm::euler_flow was called with save_states=False (no gradient was needed then), so it "
             "cannot be differentiated; call it with save_states=True")
     states, weight1, bias1, weight2, bias2 = ctx.saved_tensors
+    if not _saves_layers(ctx.backend):
+        states = states.unsqueeze(0)  # x[None]: the contract's (1, N, D)
+    if grad_x_final is None and grad_energy is None:  # neither output reaches the loss
+        return None, None, None, None, None, None, None, None, None
     if grad_x_final is None:
-        grad_x_final = states.new_zeros(ctx.x_shape)
+        grad_x_final = weight1.new_zeros(ctx.x_shape)
     if grad_energy is None:
-        grad_energy = states.new_zeros(())
+        grad_energy = weight1.new_zeros(())
     grads = torch.ops.fastlddmm.euler_flow_backward(
         grad_x_final, grad_energy, states, weight1, bias1, weight2, bias2, ctx.dt, ctx.activation, ctx.backend)
     return (*grads, None, None, None, None)
@@ -229,4 +251,4 @@ def euler_flow(
     return x_final.reshape(x.shape), energy
 
 
-__all__ = ["ACTIVATIONS", "FUSED_BACKENDS", "check_params", "euler_flow", "reference"]
+__all__ = ["ACTIVATIONS", "FUSED_BACKENDS", "SAVED_FOR_BACKWARD", "check_params", "euler_flow", "reference"]
