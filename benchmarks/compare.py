@@ -254,12 +254,13 @@ def _register_call(method: str, n: int, device: str):
         src, tgt = (source - center) / scale, (target - center) / scale
 
         def call():
-            torch.manual_seed(DEFAULTS.seed)
-            g = torch.Generator().manual_seed(DEFAULTS.seed)
             preset = PRESETS[DEFAULTS.quality]  # register()'s defaults are its default preset's
             L, H = preset.layers, preset.width
-            params = [torch.nn.Parameter(t) for t in (torch.randn(L, H, 3, generator=g) / 3**0.5,
-                                                      torch.zeros(L, H), torch.zeros(L, 3, H), torch.zeros(L, 3))]
+            with torch.random.fork_rng(devices=[]):  # the parameters fl.register starts from (its seed, its init)
+                torch.manual_seed(DEFAULTS.seed)
+                start = fl.ResNetFlow(dim=3, width=H, layers=L, activation=DEFAULTS.activation)
+            params = [torch.nn.Parameter(p.detach().clone()) for p in
+                      (start.weight1, start.bias1, start.weight2, start.bias2)]
             opt = torch.optim.Adam(params, lr=5e-3)
             for _ in range(steps):
                 opt.zero_grad()

@@ -1,8 +1,10 @@
 """Quick side-by-side of the fused Euler flow on the CPU: compiled path ("cpu") vs the reference (eager
 autograd through fastlddmm.reference.euler_flow). Forward and forward+backward wall time, and the peak extra
 resident memory of forward+backward (each backend in its own subprocess, so the high-water marks do
-not mix). Measuring helpers: benchmarks/_measure.py; the full comparison (torch.compile, distances,
-plots): benchmarks/compare.py.
+not mix). For the cpu backend also its two launchers alone (ops/flow/cpu.py forward and backward, the C++
+kernels without autograd), on one thread and on all of torch's threads: what to hold against the FMA issue
+bound in benchmarks/results/cpu_kernels.md (benchmarks/fma_peak.cpp measures that bound). Measuring helpers:
+benchmarks/_measure.py; the full comparison (torch.compile, distances, plots): benchmarks/compare.py.
 
     python benchmarks/flow_cpu_quick.py [--points 200000] [--width 64] [--layers 10] [--dim 3] [--repeat 3]
 """
@@ -43,8 +45,23 @@ def _worker(args) -> None:
 
     forward = _measure.measure(fwd, repeat=args.repeat)
     both = _measure.measure(fwd_bwd, repeat=args.repeat)
-    print(json.dumps({"backend": args.backend, "forward_s": forward["time_s"], "forward_backward_s": both["time_s"],
-                      "peak_extra_mib": both["peak_extra_mib"], "threads": torch.get_num_threads()}))
+    row = {"backend": args.backend, "forward_s": forward["time_s"], "forward_backward_s": both["time_s"],
+           "peak_extra_mib": both["peak_extra_mib"], "threads": torch.get_num_threads()}
+    if args.backend == "cpu":
+        from fastlddmm.benchmark import median_seconds
+        from fastlddmm.ops.flow import cpu as launcher
+
+        w = [p.detach() for p in params]
+        grad_out, grad_s = torch.randn_like(x), torch.tensor(0.3, dtype=torch.float64)
+        threads = torch.get_num_threads()
+        for count in sorted({1, threads}):
+            torch.set_num_threads(count)
+            row[f"launcher_forward_s_{count}t"] = median_seconds(
+                lambda: launcher.forward(x, *w, dt, "relu"), repeat=max(args.repeat, 5))
+            row[f"launcher_backward_s_{count}t"] = median_seconds(
+                lambda: launcher.backward(grad_out, grad_s, x[None], *w, dt, "relu"), repeat=max(args.repeat, 5))
+        torch.set_num_threads(threads)
+    print(json.dumps(row))
 
 
 def main() -> None:
@@ -73,6 +90,8 @@ def main() -> None:
         print(f"{r['backend']:<10} {r['forward_s']:>9.3f}s {r['forward_backward_s']:>9.3f}s "
               f"{r['peak_extra_mib']:>12.1f} MiB")
     ref, cpu = rows
+    for key in sorted(k for k in cpu if k.startswith("launcher_")):
+        print(f"cpu {key[len('launcher_'):]:<22} {cpu[key] * 1e3:9.2f} ms")
     print(f"speed-up fwd+bwd: {ref['forward_backward_s'] / cpu['forward_backward_s']:.2f}x, "
           f"memory: {ref['peak_extra_mib'] / max(cpu['peak_extra_mib'], 1e-9):.1f}x less")
 
