@@ -10,10 +10,24 @@ reason (why, and what would make it run), the cases this machine cannot run.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 from torch import Tensor
+
+# torch.compile's on-disk cache keys a compiled backward by the graph, not by a custom op's Python autograd
+# formula (pytorch/pytorch#144344): graphs cached by another fastlddmm version on this machine would be
+# replayed against this one's kernels. The tests compile into a cache of their own (unless one is set).
+_OWN_INDUCTOR_CACHE = None
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _OWN_INDUCTOR_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastlddmm-tests-inductor-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_INDUCTOR_CACHE is not None:
+        shutil.rmtree(_OWN_INDUCTOR_CACHE, ignore_errors=True)
 
 # Without a GPU, the Triton kernels are tested in Triton's CPU interpreter. The variable must be set
 # before triton is first imported (triton builds tl.sum & co. at import), hence here, before fastlddmm.
