@@ -11,7 +11,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BUILD_DIR="${1:-$(mktemp -d /tmp/fastlddmm-cuda-build.XXXXXX)}"
+BUILD_DIR="${1:-$(mktemp -d -t fastlddmm-cuda-build.XXXXXX)}"
 ARCHS="${FASTLDDMM_CUDA_ARCH:-80-real;90-real}"
 PYTHON="${PYTHON:-python}"
 

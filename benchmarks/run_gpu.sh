@@ -12,7 +12,7 @@
 # setup is done once per machine: a later stage on the same (warm) machine skips it, a fresh machine redoes
 # it (~1-2 min). One device command may run 10 minutes: run "setup test", then "bench", as two calls.
 # Environment knobs:
-#   OUT                 output folder (set by the device tool; default /tmp/fastlddmm_gpu_out)
+#   OUT                 output folder (set by the device tool; default $TMPDIR/fastlddmm_gpu_out, TMPDIR=/tmp if unset)
 #   BENCH_SIZES         N = M values (default "1e4 1e5 1e6")
 #   BENCH_BUDGET        seconds the benchmark may start cases in (default 420, to end inside one call)
 #   BENCH_ARGS          more gpu_distances.py flags, e.g. "--methods fl-triton flash-sinkhorn --repeat 5"
@@ -25,7 +25,7 @@ cd "$(dirname "$0")/.."
 WHEELS=${1:?usage: bash benchmarks/run_gpu.sh WHEEL_DIR [setup] [test] [report] [bench]}
 shift
 STAGES=${*:-setup test bench}
-OUT=${OUT:-/tmp/fastlddmm_gpu_out}
+OUT=${OUT:-${TMPDIR:-/tmp}/fastlddmm_gpu_out}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export FASTLDDMM_CUDA_ARCH=${FASTLDDMM_CUDA_ARCH:-90}

@@ -4,6 +4,7 @@ The room (which backend runs is decided in fastlddmm/dispatch.py, rule ``_auto_n
 
     reference.py    dense search, a block of rows at a time (O(rows·M) memory), and the PyTorch twins of
                     fl.nearest / fl.chamfer / the L2 data term: the ground truth
+    cpu.py          C++/OpenMP exact k-d tree (csrc/nearest/), K >= 1, L1 and L2, D <= 64
     kdtree.py       scipy's exact cKDTree (float64 coordinates), torch.get_num_threads() workers
     keops.py        KeOps ArgMin / ArgKMin reductions, memory O(N + M)
     triton.py       streaming Triton min / argmin (kernels/nearest.py): K = 1, squared Euclidean only

@@ -7,6 +7,7 @@ with h_j = log b_j + g_j / eps from the solved potentials and v = y (fl.sinkhorn
 The room (which backend runs is decided in fastlddmm/dispatch.py, the same rule as the soft-min's):
 
     reference.py    dense softmax over the (B, N, M) logits: the ground truth, memory O(B·N·M)
+    cpu.py          C++/OpenMP streaming weighted sum (csrc/projection/), memory O(B·(N + M))
     keops.py        KeOps sumsoftmaxweight reductions, memory O(B·(N + M))
     triton.py       streaming Triton kernels (kernels/softmin.py: weighted_sum), memory O(B·(N + M))
 

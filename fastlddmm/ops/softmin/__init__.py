@@ -6,6 +6,8 @@ as in GeomLoss's "tensorized" backend, so coincident points get a finite (zero) 
 The room (which backend runs is decided in fastlddmm/dispatch.py, rule ``_auto_softmin``):
 
     reference.py    dense logsumexp over the (B, N, M) cost matrix: the ground truth, memory O(B·N·M)
+    cpu.py          C++/OpenMP streaming soft-min (csrc/softmin/, online log-sum-exp, polynomial exp2),
+                    memory O(B·(N + M)); differentiates x only (the solver detaches y and h)
     keops.py        KeOps logsumexp reductions, memory O(B·(N + M))
     triton.py       streaming Triton kernels (kernels/softmin.py), memory O(B·(N + M))
 
